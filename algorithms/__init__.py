@@ -1,0 +1,58 @@
+"""Federated algorithms, one module per method, and the config registry.
+
+:func:`build_algorithm` turns a run config into a
+:class:`~fedjax_sim.algorithm.FederatedAlgorithm`.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from fedjax_sim.algorithm import FederatedAlgorithm
+from fedjax_sim.algorithms.fedavg import fedavg, server_optimizer
+from fedjax_sim.algorithms.fedprox import fedprox
+from fedjax_sim.algorithms.local import local_only
+
+__all__ = ["ALGORITHMS", "build_algorithm", "fedavg", "fedprox", "local_only",
+           "server_optimizer"]
+
+
+def _common(cfg) -> dict:
+  return dict(client_lr=cfg.client_lr, batch_size=cfg.batch_size, epochs=cfg.local_epochs,
+              local_steps=cfg.local_steps, client_momentum=cfg.client_momentum,
+              lr_decay=cfg.lr_decay)
+
+
+def _server_opt(cfg, name=None):
+  return server_optimizer(name or cfg.server_optimizer, cfg.server_lr, cfg.server_b1,
+                          cfg.server_b2, cfg.server_tau)
+
+
+def _fedopt(opt_name: str):
+  def build(cfg, apply_fn, init_params):
+    return fedavg(apply_fn, init_params, server_opt=_server_opt(cfg, opt_name),
+                  name=f"fed{opt_name}", **_common(cfg))
+  return build
+
+
+# name -> builder(cfg, apply_fn, init_params) -> FederatedAlgorithm
+ALGORITHMS: dict[str, Callable[..., FederatedAlgorithm]] = {
+    "fedavg": lambda cfg, a, i: fedavg(a, i, server_opt=_server_opt(cfg), **_common(cfg)),
+    "fedprox": lambda cfg, a, i: fedprox(a, i, mu=cfg.mu, server_opt=_server_opt(cfg),
+                                         **_common(cfg)),
+    "fedadam": _fedopt("adam"),
+    "fedyogi": _fedopt("yogi"),
+    "fedadagrad": _fedopt("adagrad"),
+    "local": lambda cfg, a, i: local_only(a, i, init_seed=cfg.seed, **_common(cfg)),
+}
+
+
+def build_algorithm(cfg: Any, apply_fn: Callable, init_params: Callable) -> FederatedAlgorithm:
+  """Looks up ``cfg.algorithm`` in :data:`ALGORITHMS`.
+
+  Raises:
+    ValueError: unknown algorithm (the message lists the known ones).
+  """
+  if cfg.algorithm not in ALGORITHMS:
+    raise ValueError(f"Unknown algorithm '{cfg.algorithm}'; set --config.algorithm to one of "
+                     f"{', '.join(sorted(ALGORITHMS))}.")
+  return ALGORITHMS[cfg.algorithm](cfg, apply_fn, init_params)

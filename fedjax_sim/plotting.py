@@ -1,0 +1,39 @@
+"""PNG plots of a run's history (matplotlib, Agg backend)."""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_history(history: list[dict], path: str, title: str = "") -> None:
+  """Plots test accuracy, loss and per-client accuracy spread against rounds."""
+  if not history:
+    return
+  rounds = [r["round"] for r in history]
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+  axes[0].plot(rounds, [r["test_accuracy"] for r in history], label="global test accuracy")
+  if "client_acc_mean" in history[0]:
+    mean = [r["client_acc_mean"] for r in history]
+    worst = [r["client_acc_worst10"] for r in history]
+    axes[0].plot(rounds, mean, label="client accuracy (mean)")
+    axes[0].plot(rounds, worst, "--", label="client accuracy (worst 10%)")
+  axes[0].set(xlabel="round", ylabel="accuracy", title="accuracy")
+  axes[0].legend()
+  for key, label in (("train_loss", "train loss (clients)"), ("test_loss", "test loss")):
+    if key in history[0]:
+      axes[1].plot(rounds, [r[key] for r in history], label=label)
+  axes[1].set(xlabel="round", ylabel="cross-entropy", title="loss")
+  axes[1].legend()
+  if "client_acc_std" in history[0]:
+    axes[2].plot(rounds, [r["client_acc_std"] for r in history], label="client accuracy std")
+    axes[2].plot(rounds, [r["d_cosine"] for r in history], label="D_Cosine (rad)")
+  axes[2].set(xlabel="round", title="fairness")
+  axes[2].legend()
+  for ax in axes:
+    ax.grid(alpha=0.3)
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

@@ -1,0 +1,212 @@
+"""The simulation loop: build everything from a config, run rounds, evaluate,
+checkpoint with Orbax, log ``metrics.jsonl``, plot, summarize.
+
+Library entry point (the CLI is a thin wrapper): :func:`train_and_evaluate`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_sim import evaluation, models, sampling
+from fedjax_sim.algorithm import FederatedAlgorithm
+from fedjax_sim.checkpoint import Checkpointer
+from fedjax_sim.errors import CheckpointError, ConfigError, DivergedError
+from fedjax_sim.round import SimState, init_state, make_mesh, make_round, replicate
+
+
+def validate_config(cfg) -> None:
+  """Checks config values before anything is built.
+
+  Raises:
+    ConfigError: one line naming the setting and the fix.
+  """
+  def need(cond, msg):
+    if not cond:
+      raise ConfigError(msg)
+
+  need(cfg.rounds >= 1, f"rounds={cfg.rounds} must be >= 1; set --config.rounds.")
+  need(cfg.batch_size >= 1, f"batch_size={cfg.batch_size} must be >= 1; set --config.batch_size "
+       "(e.g. 10).")
+  need(cfg.local_epochs >= 1 or cfg.local_steps >= 1,
+       f"local_epochs={cfg.local_epochs} and local_steps={cfg.local_steps}: one must be >= 1.")
+  need(cfg.local_steps >= 0, f"local_steps={cfg.local_steps} must be >= 0 (0 = use epochs).")
+  need(cfg.client_lr > 0 and math.isfinite(cfg.client_lr),
+       f"client_lr={cfg.client_lr} must be a finite number > 0; set --config.client_lr.")
+  need(cfg.server_lr > 0, f"server_lr={cfg.server_lr} must be > 0; set --config.server_lr.")
+  need(cfg.data.num_clients >= 1, f"data.num_clients={cfg.data.num_clients} must be >= 1.")
+  need(1 <= cfg.clients_per_round <= cfg.data.num_clients,
+       f"clients_per_round={cfg.clients_per_round} must be in [1, data.num_clients="
+       f"{cfg.data.num_clients}]; lower --config.clients_per_round or raise "
+       "--config.data.num_clients.")
+  if cfg.data.partition in ("dirichlet", "pra", "quantity_skew"):
+    need(cfg.data.alpha > 0, f"data.alpha={cfg.data.alpha} must be > 0 (Dirichlet concentration; "
+         "smaller = more skew, e.g. 0.1 or 0.5); set --config.data.alpha.")
+  need(cfg.eval_every >= 1, f"eval_every={cfg.eval_every} must be >= 1.")
+  need(cfg.checkpoint_every >= 1, f"checkpoint_every={cfg.checkpoint_every} must be >= 1.")
+  need(cfg.rounds_per_call >= 1, f"rounds_per_call={cfg.rounds_per_call} must be >= 1.")
+  need(cfg.chunk_size >= 0, f"chunk_size={cfg.chunk_size} must be >= 0 (0 = no chunking).")
+  from fedjax_sim.algorithms import ALGORITHMS
+  need(cfg.algorithm in ALGORITHMS, f"unknown algorithm '{cfg.algorithm}'; set "
+       f"--config.algorithm to one of {', '.join(sorted(ALGORITHMS))}.")
+  need(cfg.model in models.MODELS, f"unknown model '{cfg.model}'; set --config.model to one of "
+       f"{', '.join(sorted(models.MODELS))}.")
+
+
+@dataclasses.dataclass
+class Experiment:
+  """Everything built from a config (see :func:`build_experiment`)."""
+  cfg: Any
+  data: Any  # fedjax_sim.data.FederatedData
+  model: Any
+  algorithm: FederatedAlgorithm
+  sampler: sampling.Sampler
+  mesh: Any
+
+
+def build_experiment(cfg) -> Experiment:
+  """Validates the config and builds data, model, algorithm, sampler and mesh.
+
+  Raises:
+    ConfigError, DatasetError, PartitionError: bad settings or missing data.
+  """
+  validate_config(cfg)
+  from fedjax_sim.algorithms import build_algorithm
+  from fedjax_sim.data import build_federated_data
+  data = build_federated_data(cfg.data, batch_size=cfg.batch_size, seed=cfg.seed)
+  empty = np.flatnonzero(np.asarray(data.train.num_examples) == 0)
+  if empty.size:
+    raise ConfigError(f"client {int(empty[0])} has no training data; lower "
+                      "--config.data.client_test_fraction or --config.data.num_clients.")
+  model = models.build_model(cfg.model, data.num_classes, **dict(cfg.model_kwargs))
+  apply_fn = lambda params, x: model.apply({"params": params}, x)
+  init_params = lambda rng: models.init_params(model, rng, data.input_shape)
+  algorithm = build_algorithm(cfg, apply_fn, init_params)
+  sampler = sampling.uniform(data.num_clients, cfg.clients_per_round)
+  mesh = make_mesh(cfg.num_devices or None)
+  return Experiment(cfg, data, model, algorithm, sampler, mesh)
+
+
+def _finite(tree) -> bool:
+  leaves = [np.asarray(x) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)]
+  return all(np.all(np.isfinite(x)) for x in leaves)
+
+
+def _rounds_per_call(cfg) -> int:
+  return math.gcd(cfg.rounds_per_call, cfg.eval_every, cfg.checkpoint_every, cfg.rounds)
+
+
+def train_and_evaluate(cfg, workdir: str, resume: bool = False,
+                       experiment: Optional[Experiment] = None) -> dict[str, Any]:
+  """Runs a whole simulation and writes its run directory.
+
+  Writes ``workdir/config.json`` (resolved config), ``metrics.jsonl`` (one JSON
+  object per evaluation), ``checkpoints/`` (Orbax, every
+  ``checkpoint_every`` rounds and at the end) and ``plots.png``.
+
+  Args:
+    cfg: the run ConfigDict.
+    workdir: the run directory (created).
+    resume: continue from the latest checkpoint; reproduces an uninterrupted
+      run exactly (cohorts and client keys depend only on (seed, round)).
+
+  Returns:
+    The last evaluation's metrics dict.
+
+  Raises:
+    ConfigError: bad settings, or existing checkpoints without ``resume``.
+    DivergedError: a non-finite loss or model; the last good checkpoint stays.
+    CheckpointError: ``resume`` with no or an unreadable checkpoint.
+  """
+  exp = experiment or build_experiment(cfg)
+  os.makedirs(workdir, exist_ok=True)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.max_checkpoints)
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  if not resume and ckpt.latest_round() is not None:
+    raise ConfigError(f"{workdir} already holds checkpoints (round {ckpt.latest_round()}); "
+                      "pass --resume to continue it or choose another --workdir.")
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(cfg.to_json_best_effort(indent=2))
+
+  mesh = exp.mesh
+  state = replicate(init_state(exp.algorithm, exp.sampler, exp.data.num_clients, cfg.seed), mesh)
+  history: list[dict] = []
+  if resume:
+    state = ckpt.restore(state)
+    start = int(state.round)
+    if os.path.exists(metrics_path):  # keep only what the checkpoint has seen
+      with open(metrics_path) as f:
+        history = [r for r in map(json.loads, f) if r["round"] <= start]
+    print(f"Resumed from {ckpt.directory} at round {start}.")
+  with open(metrics_path, "w") as f:
+    for r in history:
+      f.write(json.dumps(r) + "\n")
+
+  rpc = _rounds_per_call(cfg)
+  round_fn = make_round(exp.algorithm, exp.sampler, seed=cfg.seed, mesh=mesh,
+                        chunk_size=cfg.chunk_size or None, rounds_per_call=rpc)
+  evaluate = evaluation.make_evaluate(exp.algorithm)
+  data = exp.data
+  num_test = int(data.test_y.shape[0])
+
+  def do_eval(state, round_metrics, wall):
+    raw = evaluate(state.server, state.clients, data.test, data.test_x, data.test_y)
+    row = {"round": int(state.round), **evaluation.summarize(raw, num_test)}
+    row.update({f"train_{k}" if not k.startswith(("server/", "padding", "useful")) else k:
+                float(np.mean(v)) for k, v in round_metrics.items()})
+    row["wall_s"] = wall
+    with open(metrics_path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    history.append(row)
+    return row
+
+  progress = _progress(cfg, int(state.round))
+  t0, train_time = time.time(), 0.0
+  row = history[-1] if history else {}
+  try:
+    while int(state.round) < cfg.rounds:
+      last_good = state
+      tc = time.time()
+      state, metrics = round_fn(state, data.train)
+      metrics = jax.device_get(metrics)
+      train_time += time.time() - tc
+      r = int(state.round)
+      if not (_finite(metrics.get("loss", 0.0)) and _finite(state.server)):
+        bad = r - rpc + int(np.argmax(~np.isfinite(np.asarray(metrics.get("loss", [np.nan])))))
+        raise DivergedError(
+            f"training diverged: non-finite loss or model by round {bad + 1} (client_lr="
+            f"{cfg.client_lr}, server_lr={cfg.server_lr}); lower --config.client_lr or "
+            f"--config.server_lr. Last good checkpoint: round {ckpt.latest_round()} in "
+            f"{ckpt.directory}.")
+      if r % cfg.checkpoint_every == 0 or r == cfg.rounds:
+        ckpt.save(r, state)
+      if r % cfg.eval_every == 0 or r == cfg.rounds:
+        row = do_eval(state, metrics, time.time() - t0)
+        progress.set_postfix(acc=f"{row['test_accuracy']:.3f}", loss=f"{row.get('train_loss', 0):.3f}")
+      progress.update(rpc)
+    del last_good
+  finally:
+    progress.close()
+    ckpt.wait()
+    ckpt.close()
+  row = dict(row)
+  row["train_time_s"] = train_time
+  from fedjax_sim import plotting
+  plotting.plot_history(history, os.path.join(workdir, "plots.png"),
+                        title=f"{cfg.algorithm} on {data.name}")
+  return row
+
+
+def _progress(cfg, start: int):
+  from tqdm.auto import tqdm
+  return tqdm(total=cfg.rounds, initial=start, desc=f"{cfg.algorithm}", unit="round",
+              disable=not cfg.progress, dynamic_ncols=True)

@@ -1,0 +1,1 @@
+"""Command line, experiment configs and launch helpers."""

@@ -1,0 +1,52 @@
+"""Defaults shared by every config; a config file overrides what it needs.
+
+Knob names follow the literature: E = local_epochs, B = batch_size, K =
+clients_per_round, eta_l = client_lr, eta = server_lr, tau = server_tau,
+mu = FedProx's proximal weight.
+"""
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.algorithm = "fedavg"
+  c.rounds = 100
+  c.clients_per_round = 20  # K
+  c.local_epochs = 1  # E
+  c.local_steps = 0  # > 0: fixed local steps instead of epochs
+  c.batch_size = 10  # B
+  c.client_lr = 0.1  # eta_l
+  c.client_momentum = 0.0
+  c.lr_decay = 1.0  # client lr * lr_decay**round
+  c.server_optimizer = "sgd"  # sgd | adam | yogi | adagrad (FedOpt)
+  c.server_lr = 1.0  # eta; FedAvg = sgd with 1.0
+  c.server_b1 = 0.9
+  c.server_b2 = 0.99
+  c.server_tau = 1e-3  # FedOpt's adaptivity epsilon tau
+  c.mu = 0.01  # FedProx proximal weight
+
+  c.model = "mlp"
+  c.model_kwargs = ml_collections.ConfigDict({"hidden": (200, 200)})
+
+  c.data = ml_collections.ConfigDict()
+  c.data.dataset = "digits"  # digits | synthetic | tfds:<mnist|fashion_mnist|cifar10|cifar100>
+  c.data.data_dir = ml_collections.FieldReference(None, field_type=str)
+  c.data.num_clients = 100  # C
+  c.data.partition = "dirichlet"  # iid | dirichlet (PRA) | pathological (PAT) | quantity_skew
+  c.data.alpha = 0.5  # Dirichlet concentration
+  c.data.classes_per_client = 2  # pathological k
+  c.data.min_examples = 2
+  c.data.client_test_fraction = 0.2
+  c.data.synthetic_alpha = 1.0
+  c.data.synthetic_beta = 1.0
+
+  # Engine
+  c.rounds_per_call = 10  # rounds fused with lax.scan per jitted call
+  c.chunk_size = 10  # clients vmapped together (0 = whole cohort per device)
+  c.num_devices = 0  # 0 = all visible devices
+  c.eval_every = 10
+  c.checkpoint_every = 50
+  c.max_checkpoints = 3
+  c.progress = True
+  return c
