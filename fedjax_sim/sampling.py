@@ -37,3 +37,15 @@ def uniform(num_clients: int, clients_per_round: int) -> Sampler:
     return ids.astype(jnp.int32), state
 
   return Sampler(lambda: (), sample, num_clients, clients_per_round)
+
+
+def build_sampler(cfg, num_clients: int) -> Sampler:
+  """The sampler named by ``cfg.sampler`` (default ``uniform``).
+
+  Raises:
+    ValueError: unknown sampler name or bad cohort size.
+  """
+  name = cfg.get("sampler", "uniform") if hasattr(cfg, "get") else "uniform"
+  if name == "uniform":
+    return uniform(num_clients, cfg.clients_per_round)
+  raise ValueError(f"Unknown sampler '{name}'; set --config.sampler to one of: uniform.")

@@ -90,7 +90,7 @@ def build_experiment(cfg) -> Experiment:
   apply_fn = lambda params, x: model.apply({"params": params}, x)
   init_params = lambda rng: models.init_params(model, rng, data.input_shape)
   algorithm = build_algorithm(cfg, apply_fn, init_params)
-  sampler = sampling.uniform(data.num_clients, cfg.clients_per_round)
+  sampler = sampling.build_sampler(cfg, data.num_clients)
   mesh = make_mesh(cfg.num_devices or None)
   return Experiment(cfg, data, model, algorithm, sampler, mesh)
 

@@ -13,6 +13,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.algorithm = "fedavg"
   c.rounds = 100
   c.clients_per_round = 20  # K
+  c.sampler = "uniform"  # cohort sampler (fedjax_sim.sampling.build_sampler)
   c.local_epochs = 1  # E
   c.local_steps = 0  # > 0: fixed local steps instead of epochs
   c.batch_size = 10  # B

@@ -1,0 +1,41 @@
+"""Shared fixtures. Tests run on the CPU; multi-device tests spawn a subprocess
+with XLA_FLAGS=--xla_force_host_platform_device_count=8 (it must be set before
+jax is imported)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import ml_collections  # noqa: E402
+
+from fedjax_sim.launch.configs.base import get_base_config  # noqa: E402
+
+
+@pytest.fixture
+def small_config() -> ml_collections.ConfigDict:
+  """A seconds-long digits config: 20 clients, 5 per round, 4 rounds."""
+  c = get_base_config()
+  c.data.num_clients = 20
+  c.clients_per_round = 5
+  c.rounds = 4
+  c.eval_every = 2
+  c.checkpoint_every = 2
+  c.rounds_per_call = 2
+  c.chunk_size = 2
+  c.model_kwargs.hidden = (32,)
+  c.progress = False
+  return c
+
+
+def run_python(code: str, devices: int = 8, timeout: int = 300) -> str:
+  """Runs ``code`` in a fresh interpreter with ``devices`` forced CPU devices; returns stdout."""
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=timeout)
+  if out.returncode != 0:
+    raise AssertionError(f"subprocess failed:\n{out.stderr[-4000:]}")
+  return out.stdout
