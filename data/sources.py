@@ -86,8 +86,8 @@ def load_tfds(name: str, data_dir: Optional[str] = None) -> Dataset:
         "set --config.data.dataset=tfds:<one of those>.")
   import tensorflow_datasets as tfds
   try:
-    sources = tfds.data_source(name, data_dir=data_dir)
-    train, test = sources["train"], sources["test"]
+    train = tfds.data_source(name, split="train", data_dir=data_dir)
+    test = tfds.data_source(name, split="test", data_dir=data_dir)
   except Exception as err:  # tfds raises several types (AssertionError, FileNotFoundError, ...)
     raise DatasetError(_tfds_missing_message(name, data_dir, err)) from err
 
@@ -95,8 +95,10 @@ def load_tfds(name: str, data_dir: Optional[str] = None) -> Dataset:
     n = len(src)
     if n == 0:
       raise DatasetError(f"TFDS dataset '{name}' has an empty split; re-prepare it.")
-    records = src.__getitems__(list(range(n))) if hasattr(src, "__getitems__") else [
-        src[i] for i in range(n)]
+    try:  # batched read (fast path of array_record data sources)
+      records = src.__getitems__(list(range(n)))
+    except (AttributeError, TypeError):  # e.g. tfds.testing.mock_data's source
+      records = [src[i] for i in range(n)]
     x = np.stack([np.asarray(r["image"]) for r in records]).astype(np.float32) / 255.0
     y = np.asarray([int(r["label"]) for r in records], dtype=np.int32)
     return x, y

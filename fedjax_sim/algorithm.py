@@ -133,8 +133,11 @@ def local_train(loss_fn: Callable[..., jax.Array], params: PyTree,
   shuffle_key, loss_key = jax.random.split(rng)
 
   def epoch_perm(e):
-    # Real rows first in random order, padding rows last.
-    scores = jax.random.uniform(jax.random.fold_in(shuffle_key, e), (n_rows,))
+    # Real rows first in random order, padding rows last. Row i's score depends
+    # only on (key, epoch, i), not on N, so padding never changes the order.
+    ekey = jax.random.fold_in(shuffle_key, e)
+    scores = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(ekey, i)))(
+        jnp.arange(n_rows))
     return jnp.argsort(jnp.where(data.mask, scores, 2.0)).astype(jnp.int32)
 
   perms = jax.vmap(epoch_perm)(jnp.arange(num_perms))  # [E, N]

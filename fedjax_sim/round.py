@@ -60,14 +60,19 @@ def make_mesh(num_devices: Optional[int] = None) -> Mesh:
 
 
 def init_state(algorithm: FederatedAlgorithm, sampler: Sampler, num_clients: int,
-               seed: int) -> SimState:
-  """Initial state: server from ``fold_in(key, 0)``, client i from ``fold_in(key1, i)``."""
+               seed: int, mesh: Optional[Mesh] = None) -> SimState:
+  """Initial state: server from ``fold_in(key, 0)``, client i from ``fold_in(key1, i)``.
+
+  With ``mesh``, the state is placed replicated on it, exactly as the round
+  function returns it, so the first and later rounds share one executable.
+  """
   key = jax.random.PRNGKey(seed)
   server = algorithm.init(jax.random.fold_in(key, 0))
   ckey = jax.random.fold_in(key, 1)
   clients = jax.vmap(lambda i: algorithm.init_client(jax.random.fold_in(ckey, i)))(
       jnp.arange(num_clients))
-  return SimState(jnp.int32(0), server, clients, sampler.init())
+  state = SimState(jnp.int32(0), server, clients, sampler.init())
+  return state if mesh is None else replicate(state, mesh)
 
 
 class CohortLayout(NamedTuple):
@@ -195,7 +200,11 @@ def make_round(algorithm: FederatedAlgorithm, sampler: Sampler, *, seed: int,
 
   if not jit:
     return round_fn
-  return jax.jit(round_fn, donate_argnums=(0,) if donate else ())
+  # Fixed shardings: the state and data are replicated, so the output state
+  # matches the next call's input and round 2 reuses round 1's executable.
+  replicated = NamedSharding(mesh, P())
+  return jax.jit(round_fn, donate_argnums=(0,) if donate else (),
+                 in_shardings=(replicated, replicated), out_shardings=replicated)
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

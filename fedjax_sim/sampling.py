@@ -4,6 +4,26 @@ A sampler is a NamedTuple ``(init, sample)``: ``init() -> state`` and
 ``sample(key, round, state) -> (client_ids int32 [K], state)``. The key is
 ``fold_in(seed_key, round)``-derived by the round builder, so the cohort is a
 pure function of (seed, round) and a resumed run draws the same cohorts.
+Every sampler draws K distinct clients (without replacement), K fixed.
+
+Samplers (``cfg.sampler``):
+
+* ``uniform``: K of C uniformly.
+* ``availability``: unequal participation, as CoRe-Fed (arXiv 2602.00647)
+  assumes. Client c has an availability a_c > 0 (drawn once, NumPy, from
+  ``cfg.availability``: ``beta`` a_c ~ Beta(beta_a, beta_b), or ``power_law``
+  a_c = r_c^(-power) with r_c a random permutation of 1..C); each round K
+  clients are drawn without replacement with probability proportional to a_c
+  (successive sampling, done in one shot by Gumbel top-k: argtop_K(log a_c +
+  G_c), G_c iid Gumbel). Inclusion frequencies rise with a_c but saturate
+  below 1, so the participation ratio between clients is smaller than the
+  availability ratio; :func:`participation_frequencies` measures it.
+* ``schedule``: a fixed table [R, K] of client ids, round r uses row r mod R.
+  From a config, the table is R = ``availability.schedule_period`` draws of
+  the availability sampler made once with NumPy, so a run replays the same
+  unequal cohorts every R rounds.
+
+Axis legend: C clients, K clients per round, R schedule period.
 """
 from __future__ import annotations
 
@@ -11,6 +31,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class Sampler(NamedTuple):
@@ -39,8 +60,120 @@ def uniform(num_clients: int, clients_per_round: int) -> Sampler:
   return Sampler(lambda: (), sample, num_clients, clients_per_round)
 
 
+def availability_probs(num_clients: int, distribution: str = "power_law", *,
+                       beta_a: float = 1.0, beta_b: float = 1.0, power: float = 1.0,
+                       seed: int = 0) -> np.ndarray:
+  """Per-client availabilities a (NumPy float64 [C], positive, sum 1).
+
+  Args:
+    distribution: ``beta`` (a_c ~ Beta(beta_a, beta_b) iid) or ``power_law``
+      (a_c = r_c^(-power), r a random permutation of 1..C).
+    seed: NumPy seed of the draw (a property of the client population, so it
+      stays fixed across run seeds unless set).
+
+  Raises:
+    ValueError: unknown distribution or non-positive parameters.
+  """
+  rng = np.random.default_rng(seed)
+  if distribution == "beta":
+    if beta_a <= 0 or beta_b <= 0:
+      raise ValueError(f"availability.beta_a={beta_a}, beta_b={beta_b} must be > 0.")
+    a = rng.beta(beta_a, beta_b, num_clients)
+  elif distribution == "power_law":
+    if power < 0:
+      raise ValueError(f"availability.power={power} must be >= 0 (0 = uniform).")
+    a = (rng.permutation(num_clients) + 1.0) ** (-power)
+  else:
+    raise ValueError(f"Unknown availability distribution '{distribution}'; set "
+                     "--config.availability.distribution to beta or power_law.")
+  a = np.maximum(a, 1e-6)
+  return a / a.sum()
+
+
+def availability(probs, clients_per_round: int) -> Sampler:
+  """K distinct clients per round, drawn with probability proportional to ``probs``.
+
+  Args:
+    probs: float [C] positive availabilities (normalization irrelevant).
+    clients_per_round: K.
+
+  Gumbel top-k over log(probs) equals successive sampling without replacement
+  (Plackett-Luce; Kool et al. 2019, arXiv 1903.06059), i.e. what
+  ``numpy.random.Generator.choice(C, K, replace=False, p=probs)`` draws.
+  """
+  probs = np.asarray(probs, np.float64)
+  if probs.ndim != 1 or np.any(~np.isfinite(probs)) or np.any(probs <= 0):
+    raise ValueError("availability probabilities must be a 1-D array of positive numbers.")
+  num_clients = probs.shape[0]
+  check_cohort(num_clients, clients_per_round)
+  logp = jnp.asarray(np.log(probs / probs.sum()), jnp.float32)
+
+  def sample(key, round, state):
+    del round
+    g = jax.random.gumbel(key, (num_clients,), jnp.float32)
+    _, ids = jax.lax.top_k(logp + g, clients_per_round)
+    return ids.astype(jnp.int32), state
+
+  return Sampler(lambda: (), sample, num_clients, clients_per_round)
+
+
+def fixed_schedule(table, num_clients: int) -> Sampler:
+  """Round r takes row r mod R of ``table`` (int [R, K], distinct ids per row)."""
+  table = np.asarray(table)
+  if table.ndim != 2 or table.shape[0] < 1:
+    raise ValueError(f"schedule table must be [R, K] with R >= 1, got shape {table.shape}.")
+  check_cohort(num_clients, table.shape[1])
+  if table.min() < 0 or table.max() >= num_clients:
+    raise ValueError(f"schedule ids must lie in [0, {num_clients}).")
+  if any(len(set(row.tolist())) != len(row) for row in table):
+    raise ValueError("a schedule row repeats a client; each round's cohort must be distinct.")
+  tab = jnp.asarray(table, jnp.int32)
+
+  def sample(key, round, state):
+    del key
+    return tab[round % tab.shape[0]], state
+
+  return Sampler(lambda: (), sample, num_clients, table.shape[1])
+
+
+def schedule_from_probs(probs, clients_per_round: int, period: int, seed: int = 0) -> np.ndarray:
+  """A fixed [period, K] schedule: ``period`` NumPy draws proportional to ``probs``."""
+  probs = np.asarray(probs, np.float64)
+  rng = np.random.default_rng(seed)
+  return np.stack([rng.choice(probs.size, clients_per_round, replace=False, p=probs / probs.sum())
+                   for _ in range(period)]).astype(np.int32)
+
+
+def participation_frequencies(sampler: Sampler, rounds: int, seed: int = 0) -> np.ndarray:
+  """Fraction of ``rounds`` in which each client was sampled (NumPy float64 [C]).
+
+  Uses the round builder's key convention (round r's sampler key is the first
+  of ``split(fold_in(PRNGKey(seed), r), 3)``), so it counts what a run sees.
+  """
+  def one(state, r):
+    k_sample = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), r), 3)[0]
+    ids, state = sampler.sample(k_sample, r, state)
+    return state, ids
+
+  _, ids = jax.jit(lambda s: jax.lax.scan(one, s, jnp.arange(rounds, dtype=jnp.int32)))(
+      sampler.init())
+  counts = np.bincount(np.asarray(ids).reshape(-1), minlength=sampler.num_clients)
+  return counts / rounds
+
+
+def _avail_cfg(cfg) -> dict:
+  a = cfg.get("availability", None) if hasattr(cfg, "get") else None
+  get = (lambda k, d: a.get(k, d)) if a is not None else (lambda k, d: d)
+  return dict(distribution=get("distribution", "power_law"), beta_a=get("beta_a", 1.0),
+              beta_b=get("beta_b", 1.0), power=get("power", 1.0), seed=get("seed", 0),
+              period=get("schedule_period", 50))
+
+
 def build_sampler(cfg, num_clients: int) -> Sampler:
   """The sampler named by ``cfg.sampler`` (default ``uniform``).
+
+  ``availability`` and ``schedule`` read ``cfg.availability`` (distribution,
+  beta_a, beta_b, power, seed, schedule_period).
 
   Raises:
     ValueError: unknown sampler name or bad cohort size.
@@ -48,4 +181,16 @@ def build_sampler(cfg, num_clients: int) -> Sampler:
   name = cfg.get("sampler", "uniform") if hasattr(cfg, "get") else "uniform"
   if name == "uniform":
     return uniform(num_clients, cfg.clients_per_round)
-  raise ValueError(f"Unknown sampler '{name}'; set --config.sampler to one of: uniform.")
+  if name in ("availability", "schedule"):
+    a = _avail_cfg(cfg)
+    probs = availability_probs(num_clients, a["distribution"], beta_a=a["beta_a"],
+                               beta_b=a["beta_b"], power=a["power"], seed=a["seed"])
+    if name == "availability":
+      return availability(probs, cfg.clients_per_round)
+    check_cohort(num_clients, cfg.clients_per_round)
+    if a["period"] < 1:
+      raise ValueError(f"availability.schedule_period={a['period']} must be >= 1.")
+    return fixed_schedule(schedule_from_probs(probs, cfg.clients_per_round, a["period"],
+                                              a["seed"]), num_clients)
+  raise ValueError(f"Unknown sampler '{name}'; set --config.sampler to one of: uniform, "
+                   "availability, schedule.")

@@ -20,7 +20,7 @@ from fedjax_sim import evaluation, models, sampling
 from fedjax_sim.algorithm import FederatedAlgorithm
 from fedjax_sim.checkpoint import Checkpointer
 from fedjax_sim.errors import CheckpointError, ConfigError, DivergedError
-from fedjax_sim.round import SimState, init_state, make_mesh, make_round, replicate
+from fedjax_sim.round import init_state, make_mesh, make_round
 
 
 def validate_config(cfg) -> None:
@@ -138,7 +138,7 @@ def train_and_evaluate(cfg, workdir: str, resume: bool = False,
     f.write(cfg.to_json_best_effort(indent=2))
 
   mesh = exp.mesh
-  state = replicate(init_state(exp.algorithm, exp.sampler, exp.data.num_clients, cfg.seed), mesh)
+  state = init_state(exp.algorithm, exp.sampler, exp.data.num_clients, cfg.seed, mesh)
   history: list[dict] = []
   if resume:
     state = ckpt.restore(state)
