@@ -46,6 +46,39 @@ ALGORITHMS: dict[str, Callable[..., FederatedAlgorithm]] = {
 }
 
 
+def embedding_fn(cfg: Any, init_params: Callable) -> tuple[Callable, int]:
+  """``(embed_fn, D)`` for representation methods, from ``cfg.model``.
+
+  The engine hands builders ``apply_fn(params, x) -> logits`` only; every model
+  in ``fedjax_sim.models`` also returns the penultimate embedding with
+  ``return_embedding=True``. The model is rebuilt from ``cfg.model`` and
+  ``cfg.model_kwargs``; the number of classes L and D are read off the
+  classifier (the last top-level ``Dense_<i>``, kernel [D, L]) of
+  ``init_params``'s shapes. ``embed_fn(params, x [B, ...]) -> (logits [B, L],
+  z float32 [B, D])``.
+  """
+  import jax
+  from fedjax_sim import models
+  shapes = jax.eval_shape(init_params, jax.random.PRNGKey(0))
+  dense = [k for k in shapes if k.startswith("Dense_") and k[6:].isdigit()]
+  if not dense:
+    raise ValueError(f"model '{cfg.model}' has no top-level Dense classifier to read D from.")
+  dim, num_classes = shapes[max(dense, key=lambda k: int(k[6:]))]["kernel"].shape
+  model = models.build_model(cfg.model, num_classes, **dict(cfg.model_kwargs))
+  return (lambda p, x: model.apply({"params": p}, x, return_embedding=True)), int(dim)
+
+
+def _register_fairness():  # CoRe-Fed (+ ablations) and q-FFL; builders live in their modules
+  from fedjax_sim.algorithms.corefed import build_corefed
+  from fedjax_sim.algorithms.qffl import build_qffl
+  for name in ("corefed", "refed", "cofed"):
+    ALGORITHMS[name] = build_corefed(name)
+  ALGORITHMS["qffl"] = build_qffl
+
+
+_register_fairness()
+
+
 def build_algorithm(cfg: Any, apply_fn: Callable, init_params: Callable) -> FederatedAlgorithm:
   """Looks up ``cfg.algorithm`` in :data:`ALGORITHMS`.
 

@@ -26,6 +26,17 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.server_b2 = 0.99
   c.server_tau = 1e-3  # FedOpt's adaptivity epsilon tau
   c.mu = 0.01  # FedProx proximal weight
+  c.qffl_q = 1.0  # q-FFL fairness knob q (algorithms/qffl.py)
+  # CoRe-Fed knobs (algorithms/corefed.py; algorithm corefed | refed | cofed)
+  c.corefed = ml_collections.ConfigDict({
+      "tau_c": 0.07, "beta": 0.5, "gamma": 0.5, "k": 2.0, "lambda_c": 1.0, "lambda_d": 1.0,
+      "window": 0,  # tau in rounds, 0 = C // K
+      "max_age": -1,  # oldest reused update in rounds, -1 = tau - 1
+      "reference_code": False})  # True: what the official code runs (weights only)
+  # Unequal participation (sampler availability | schedule; fedjax_sim/sampling.py)
+  c.availability = ml_collections.ConfigDict({
+      "distribution": "power_law", "beta_a": 1.0, "beta_b": 1.0, "power": 0.75, "seed": 0,
+      "schedule_period": 50})
 
   c.model = "mlp"
   c.model_kwargs = ml_collections.ConfigDict({"hidden": (200, 200)})
