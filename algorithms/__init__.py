@@ -46,6 +46,19 @@ ALGORITHMS: dict[str, Callable[..., FederatedAlgorithm]] = {
 }
 
 
+def _fedavg_pools(cfg, spec):
+  from fedjax_sim.algorithms.pooled import fedavg_per_pool
+  return fedavg_per_pool(tuple(cfg.archs), spec, cfg.clients_per_round,
+                         server_opt=_server_opt(cfg), **_common(cfg))
+
+
+# Model-heterogeneous algorithms (model pools): name -> builder(cfg, spec: DataSpec).
+# They build their own models from cfg.archs (fedjax_sim.models.MODEL_ZOO names).
+POOLED_ALGORITHMS: dict[str, Callable[..., FederatedAlgorithm]] = {
+    "fedavg_pools": _fedavg_pools,
+}
+
+
 def embedding_fn(cfg: Any, init_params: Callable) -> tuple[Callable, int]:
   """``(embed_fn, D)`` for representation methods, from ``cfg.model``.
 
@@ -77,6 +90,14 @@ def _register_fairness():  # CoRe-Fed (+ ablations) and q-FFL; builders live in 
 
 
 _register_fairness()
+
+
+def _register_ssl():  # FedAlignUniform, FedSimCLR, SSD; builders live in algorithms/ssd.py
+  from fedjax_sim.algorithms.ssd import SSL_BUILDERS
+  ALGORITHMS.update(SSL_BUILDERS)
+
+
+_register_ssl()
 
 
 def build_algorithm(cfg: Any, apply_fn: Callable, init_params: Callable) -> FederatedAlgorithm:

@@ -37,6 +37,33 @@ class ServerInfo(NamedTuple):
   valid: jax.Array  # bool [K]
 
 
+class Pool(NamedTuple):
+  """A model pool: clients that share one architecture and one client update.
+
+  Model-heterogeneous methods (FedRE, FedMuscle, CODIST) list their pools in
+  ``FederatedAlgorithm.pools``. Each pool is vmapped on its own; one round
+  covers every pool in one jitted program. A client may belong to several
+  pools (CODIST: high-capacity clients train both models).
+
+  Attributes:
+    name: pool name (metrics are also reported as ``<name>/<metric>``).
+    client_ids: int [C_p] (host NumPy), the global ids of the pool's clients.
+    clients_per_round: K_p, sampled uniformly without replacement per round.
+    client_update: as ``FederatedAlgorithm.client_update``, for this pool.
+    init_client: ``rng -> client_state`` for ONE client of this pool; the
+      engine stacks it to [C_p, ...] (``SimState.clients[p]``).
+    eval_params: ``(server_state, client_state) -> params`` for this pool.
+    apply_fn: ``(params, x [B, ...]) -> logits`` of this pool's model.
+  """
+  name: str
+  client_ids: Any
+  clients_per_round: int
+  client_update: Callable[..., tuple[PyTree, PyTree, dict]]
+  init_client: Callable[[jax.Array], PyTree]
+  eval_params: Callable[[PyTree, PyTree], PyTree]
+  apply_fn: Callable[[PyTree, jax.Array], jax.Array]
+
+
 class FederatedAlgorithm(NamedTuple):
   """A federated algorithm as pure functions.
 
@@ -60,6 +87,10 @@ class FederatedAlgorithm(NamedTuple):
     personalized: True when each client keeps its own model (local training,
       personalized FL); global test accuracy is then measured on the union of
       the clients' own test splits.
+    pools: model pools (see :class:`Pool`); when non-empty, the top-level
+      ``client_update``/``init_client``/``eval_params``/``apply_fn`` are unused
+      (set them to None) and ``server_update`` receives tuples, one entry
+      per pool: ``(server_state, uploads, weights, infos, rng)``.
   """
   name: str
   init: Callable[[jax.Array], PyTree]
@@ -70,6 +101,7 @@ class FederatedAlgorithm(NamedTuple):
   apply_fn: Callable[[PyTree, jax.Array], jax.Array]
   broadcast: Callable[[PyTree], PyTree] = lambda s: s
   personalized: bool = False
+  pools: tuple = ()
 
 
 def masked_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:

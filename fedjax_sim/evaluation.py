@@ -23,11 +23,17 @@ def make_evaluate(algorithm: FederatedAlgorithm, *, batch_size: int = 512, clien
   """
   apply_fn = algorithm.apply_fn
 
-  def per_client(server_state, client_state, x, y, mask):
-    params = algorithm.eval_params(server_state, client_state)
-    logits = apply_fn(params, x)
-    m = mask.astype(jnp.float32)
-    return jnp.sum((jnp.argmax(logits, -1) == y) * m), jnp.sum(m)
+  def per_client_fn(eval_params, apply):
+    def per_client(server_state, client_state, x, y, mask):
+      logits = apply(eval_params(server_state, client_state), x)
+      m = mask.astype(jnp.float32)
+      return jnp.sum((jnp.argmax(logits, -1) == y) * m), jnp.sum(m)
+    return per_client
+
+  def clients_accuracy(per_client, server_state, client_states, x, y, mask):
+    # lax.map with batch_size vmaps chunks of clients (bounded memory).
+    return jax.lax.map(lambda a: per_client(server_state, *a), (client_states, x, y, mask),
+                       batch_size=min(client_chunk, y.shape[0]))
 
   def global_test(params, test_x, test_y):
     n = test_y.shape[0]
@@ -48,11 +54,21 @@ def make_evaluate(algorithm: FederatedAlgorithm, *, batch_size: int = 512, clien
     return jnp.sum(correct), jnp.sum(loss)
 
   def evaluate(server_state, client_states, test: ClientData, test_x, test_y):
-    # lax.map with batch_size vmaps chunks of clients (bounded memory).
-    chunk = min(client_chunk, test.y.shape[0])
-    correct, count = jax.lax.map(
-        lambda a: per_client(server_state, *a), (client_states, test.x, test.y, test.mask),
-        batch_size=chunk)
+    if algorithm.pools:  # every pool's clients with that pool's model
+      out, corrects, counts = {}, [], []
+      for pool, cs in zip(algorithm.pools, client_states):
+        ids = jnp.asarray(pool.client_ids)
+        correct, count = clients_accuracy(
+            per_client_fn(pool.eval_params, pool.apply_fn), server_state, cs, test.x[ids],
+            test.y[ids], test.mask[ids])
+        out[f"{pool.name}/client_correct"], out[f"{pool.name}/client_count"] = correct, count
+        corrects.append(correct)
+        counts.append(count)
+      out["client_correct"] = jnp.concatenate(corrects)
+      out["client_count"] = jnp.concatenate(counts)
+      return out
+    correct, count = clients_accuracy(per_client_fn(algorithm.eval_params, apply_fn),
+                                      server_state, client_states, test.x, test.y, test.mask)
     out = {"client_correct": correct, "client_count": count}
     if not algorithm.personalized:
       params = algorithm.eval_params(server_state, None)
@@ -65,11 +81,18 @@ def make_evaluate(algorithm: FederatedAlgorithm, *, batch_size: int = 512, clien
 def summarize(raw: dict[str, Any], num_test: int) -> dict[str, float]:
   """Host-side: turns :func:`make_evaluate` outputs into named float metrics.
 
-  ``test_accuracy`` is the global test set's accuracy; for personalized
-  algorithms it is the example-weighted accuracy over the clients' own test
-  splits (there is no single global model).
+  ``test_accuracy`` is the global test set's accuracy; for personalized and
+  pooled algorithms it is the example-weighted accuracy over the clients' own
+  test splits (there is no single global model). Pools also get
+  ``<pool>/test_accuracy`` and ``<pool>/client_acc_mean``.
   """
   raw = jax.tree.map(np.asarray, raw)
+  pools = [k[: -len("/client_correct")] for k in raw if k.endswith("/client_correct")]
+  extra = {}
+  for name in pools:
+    c, n = raw.pop(f"{name}/client_correct"), raw.pop(f"{name}/client_count")
+    extra[f"{name}/test_accuracy"] = float(c.sum() / max(n.sum(), 1))
+    extra[f"{name}/client_acc_mean"] = float(np.mean(c[n > 0] / n[n > 0]))
   count = raw["client_count"]
   has = count > 0
   acc = raw["client_correct"][has] / count[has]
@@ -79,4 +102,5 @@ def summarize(raw: dict[str, Any], num_test: int) -> dict[str, float]:
     out["test_loss"] = float(raw["test_loss_sum"]) / num_test
   else:
     out["test_accuracy"] = float(raw["client_correct"].sum() / max(count.sum(), 1))
+  out.update(extra)
   return out

@@ -107,3 +107,30 @@ def init_params(model: nn.Module, rng: jax.Array, input_shape: Sequence[int]):
   """Initializes parameters from one dummy example; returns a plain dict pytree."""
   variables = model.init(rng, jnp.zeros((1, *input_shape), jnp.float32))
   return variables["params"]
+
+
+# A family of architectures for model-heterogeneous FL (pools): different
+# depth, width and kind. Every entry returns a 2-D embedding with
+# return_embedding=True (dimension D varies by architecture).
+MODEL_ZOO: dict[str, tuple[str, dict]] = {
+    "mlp_s": ("mlp", {"hidden": (64,)}),
+    "mlp_m": ("mlp", {"hidden": (200, 200)}),
+    "mlp_l": ("mlp", {"hidden": (512, 256, 128)}),
+    "cnn_s": ("cnn", {"features": (16, 32), "dense": (128,)}),
+    "cnn_m": ("cnn", {"features": (32, 64), "dense": (512,)}),
+    "resnet_s": ("resnet", {"stage_features": (16, 32), "blocks_per_stage": 1}),
+    "resnet_m": ("resnet", {"stage_features": (16, 32, 64), "blocks_per_stage": 1}),
+}
+
+
+def build_zoo_model(name: str, num_classes: int) -> nn.Module:
+  """Instantiates a :data:`MODEL_ZOO` architecture by name.
+
+  Raises:
+    ValueError: unknown name (lists the known ones).
+  """
+  if name not in MODEL_ZOO:
+    raise ValueError(f"Unknown architecture '{name}'; use one of {sorted(MODEL_ZOO)} "
+                     "(fedjax_sim.models.MODEL_ZOO).")
+  kind, kwargs = MODEL_ZOO[name]
+  return build_model(kind, num_classes, **kwargs)

@@ -21,6 +21,7 @@ equals a per-client loop and 1 device equals 8.
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -30,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fedjax_sim.algorithm import ClientInfo, FederatedAlgorithm, ServerInfo
 from fedjax_sim.client_data import ClientData
+from fedjax_sim import sampling
 from fedjax_sim.sampling import Sampler
 
 CLIENTS_AXIS = "clients"
@@ -41,8 +43,9 @@ class SimState(NamedTuple):
   Attributes:
     round: int32 []: number of rounds completed.
     server: the algorithm's server state.
-    clients: per-client state stacked to [C, ...] (``()`` when stateless).
-    sampler: the sampler's state.
+    clients: per-client state stacked to [C, ...] (``()`` when stateless);
+      with model pools, a tuple with one [C_p, ...] stack per pool.
+    sampler: the sampler's state (a tuple per pool with model pools).
   """
   round: jax.Array
   server: Any
@@ -59,7 +62,7 @@ def make_mesh(num_devices: Optional[int] = None) -> Mesh:
   return Mesh(np.array(devices[:n]), (CLIENTS_AXIS,))
 
 
-def init_state(algorithm: FederatedAlgorithm, sampler: Sampler, num_clients: int,
+def init_state(algorithm: FederatedAlgorithm, sampler: Optional[Sampler], num_clients: int,
                seed: int, mesh: Optional[Mesh] = None) -> SimState:
   """Initial state: server from ``fold_in(key, 0)``, client i from ``fold_in(key1, i)``.
 
@@ -69,9 +72,14 @@ def init_state(algorithm: FederatedAlgorithm, sampler: Sampler, num_clients: int
   key = jax.random.PRNGKey(seed)
   server = algorithm.init(jax.random.fold_in(key, 0))
   ckey = jax.random.fold_in(key, 1)
-  clients = jax.vmap(lambda i: algorithm.init_client(jax.random.fold_in(ckey, i)))(
-      jnp.arange(num_clients))
-  state = SimState(jnp.int32(0), server, clients, sampler.init())
+  init_clients = lambda init, ids: jax.vmap(lambda i: init(jax.random.fold_in(ckey, i)))(ids)
+  if algorithm.pools:  # one stacked state per pool, client keys by global id
+    clients = tuple(init_clients(p.init_client, jnp.asarray(p.client_ids)) for p in algorithm.pools)
+    samplers = tuple(() for _ in algorithm.pools)
+  else:
+    clients = init_clients(algorithm.init_client, jnp.arange(num_clients))
+    samplers = sampler.init()
+  state = SimState(jnp.int32(0), server, clients, samplers)
   return state if mesh is None else replicate(state, mesh)
 
 
@@ -106,15 +114,28 @@ def _weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
   return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1e-12)
 
 
-def make_round(algorithm: FederatedAlgorithm, sampler: Sampler, *, seed: int,
+class _PoolPlan(NamedTuple):
+  """Static plan of one pool inside the round (see :class:`~fedjax_sim.algorithm.Pool`)."""
+  client_update: Any
+  client_ids: Optional[jax.Array]  # int32 [C_p] global ids; None = all clients (single pool)
+  sampler: Sampler  # samples LOCAL indices in [0, C_p)
+  layout: CohortLayout
+  slot_order: jax.Array
+
+
+def make_round(algorithm: FederatedAlgorithm, sampler: Optional[Sampler] = None, *, seed: int,
                mesh: Optional[Mesh] = None, chunk_size: Optional[int] = None,
                rounds_per_call: int = 1, sort_by_size: bool = True, donate: bool = True,
                jit: bool = True):
   """Builds the jitted round function.
 
   Args:
-    algorithm: the FederatedAlgorithm.
-    sampler: cohort sampler (K = sampler.clients_per_round).
+    algorithm: the FederatedAlgorithm. With ``algorithm.pools`` (model pools),
+      every pool samples its own ``clients_per_round`` clients uniformly from
+      its members, is vmapped on its own, and the server update receives
+      tuples (one entry per pool) of uploads, weights and infos.
+    sampler: cohort sampler (K = sampler.clients_per_round); ignored (may be
+      None) for pooled algorithms.
     seed: run seed; round r uses ``fold_in(PRNGKey(seed), r)``.
     mesh: a 1-D mesh with axis ``clients`` (default: all local devices).
     chunk_size: clients vmapped together; chunks run one after another via
@@ -128,66 +149,116 @@ def make_round(algorithm: FederatedAlgorithm, sampler: Sampler, *, seed: int,
   Returns:
     ``round_fn(state: SimState, data: ClientData [C, N, ...]) -> (SimState,
     metrics)``; every metric is float32 [rounds_per_call]. Metrics: client
-    metrics averaged with example weights (``loss``, ...), ``server/...``
-    metrics, ``padding_efficiency`` (useful / processed examples, when the
-    client reports ``useful_examples`` and ``batch_slots``).
+    metrics averaged with example weights (``loss``, ...; per pool also
+    ``<pool>/loss``), ``server/...`` metrics, ``padding_efficiency`` (useful
+    / processed examples, when clients report ``useful_examples`` and
+    ``batch_slots``).
   """
   mesh = mesh or make_mesh()
-  layout = cohort_layout(sampler.clients_per_round, mesh.devices.size, chunk_size)
-  slot_order = jnp.asarray(_slot_order(layout))
+  devices = mesh.devices.size
+  pooled = bool(algorithm.pools)
 
-  def client_block(bcast, cstate, cdata, rngs, infos):
-    """Runs on one device: [K_local, ...] -> chunks of vmapped clients."""
-    vupdate = jax.vmap(algorithm.client_update, in_axes=(None, 0, 0, 0, 0))
-    k_local = infos.valid.shape[0]
-    n_chunks = k_local // layout.chunk
-    if n_chunks == 1:
-      return vupdate(bcast, cstate, cdata, rngs, infos)
-    split = lambda t: jax.tree.map(lambda a: a.reshape(n_chunks, layout.chunk, *a.shape[1:]), t)
-    out = jax.lax.map(lambda args: vupdate(bcast, *args), split((cstate, cdata, rngs, infos)))
-    return jax.tree.map(lambda a: a.reshape(k_local, *a.shape[2:]), out)
+  def plan(update, ids, smp):
+    lay = cohort_layout(smp.clients_per_round, devices, chunk_size)
+    return _PoolPlan(update, ids, smp, lay, jnp.asarray(_slot_order(lay)))
 
-  sharded_block = jax.shard_map(
-      client_block, mesh=mesh,
-      in_specs=(P(), P(CLIENTS_AXIS), P(CLIENTS_AXIS), P(CLIENTS_AXIS), P(CLIENTS_AXIS)),
-      out_specs=P(CLIENTS_AXIS), check_vma=False)
+  if pooled:
+    plans = [plan(p.client_update, jnp.asarray(p.client_ids, jnp.int32),
+                  sampling.uniform(len(p.client_ids), p.clients_per_round))
+             for p in algorithm.pools]
+    names = [p.name for p in algorithm.pools]
+  else:
+    if sampler is None:
+      raise ValueError("make_round needs a sampler for a single-pool algorithm.")
+    plans, names = [plan(algorithm.client_update, None, sampler)], [""]
+
+  def sharded_block(pl: _PoolPlan):
+    def client_block(bcast, cstate, cdata, rngs, infos):
+      """Runs on one device: [K_local, ...] -> chunks of vmapped clients."""
+      vupdate = jax.vmap(pl.client_update, in_axes=(None, 0, 0, 0, 0))
+      k_local = infos.valid.shape[0]
+      n_chunks = k_local // pl.layout.chunk
+      if n_chunks == 1:
+        return vupdate(bcast, cstate, cdata, rngs, infos)
+      split = lambda t: jax.tree.map(
+          lambda a: a.reshape(n_chunks, pl.layout.chunk, *a.shape[1:]), t)
+      out = jax.lax.map(lambda args: vupdate(bcast, *args), split((cstate, cdata, rngs, infos)))
+      return jax.tree.map(lambda a: a.reshape(k_local, *a.shape[2:]), out)
+
+    return jax.shard_map(
+        client_block, mesh=mesh,
+        in_specs=(P(), P(CLIENTS_AXIS), P(CLIENTS_AXIS), P(CLIENTS_AXIS), P(CLIENTS_AXIS)),
+        out_specs=P(CLIENTS_AXIS), check_vma=False)
+
+  blocks = [sharded_block(pl) for pl in plans]
+
+  def pool_phase(pl: _PoolPlan, block, bcast, pool_clients, sampler_state, data, k_sample,
+                 k_clients, round_):
+    lay = pl.layout
+    local, sampler_state = pl.sampler.sample(k_sample, round_, sampler_state)
+    gids = local if pl.client_ids is None else pl.client_ids[local]
+    n = data.num_examples[gids]
+    if sort_by_size:
+      order = jnp.argsort(-n, stable=True)
+      local, gids, n = local[order], gids[order], n[order]
+    pad = lay.padded - lay.cohort
+    padded = lambda a: jnp.concatenate([a, jnp.broadcast_to(a[-1:], (pad,))])[pl.slot_order]
+    local, gids = padded(local), padded(gids)
+    valid = (jnp.arange(lay.padded) < lay.cohort)[pl.slot_order]
+    num_ex = jnp.where(valid, padded(n), 0)
+
+    cdata = jax.tree.map(lambda a: a[gids], data)._replace(num_examples=num_ex)
+    cdata = cdata._replace(mask=cdata.mask & valid[:, None])
+    cstate = jax.tree.map(lambda a: a[local], pool_clients)
+    rngs = jax.vmap(lambda i: jax.random.fold_in(k_clients, i))(gids)
+    infos = ClientInfo(gids, jnp.broadcast_to(round_, gids.shape), valid)
+    uploads, new_cstate, cmetrics = block(bcast, cstate, cdata, rngs, infos)
+    num_pool = data.num_examples.shape[0] if pl.client_ids is None else pl.client_ids.shape[0]
+    scatter = jnp.where(valid, local, num_pool)  # padding slots -> dropped
+    pool_clients = jax.tree.map(lambda a, u: a.at[scatter].set(u, mode="drop"), pool_clients,
+                                new_cstate)
+    sinfo = ServerInfo(round_, gids, num_ex, valid)
+    return uploads, num_ex.astype(jnp.float32), sinfo, pool_clients, sampler_state, cmetrics
 
   def one_round(state: SimState, data: ClientData):
     rkey = jax.random.fold_in(jax.random.PRNGKey(seed), state.round)
     k_sample, k_clients, k_server = jax.random.split(rkey, 3)
-    cohort, sampler_state = sampler.sample(k_sample, state.round, state.sampler)
-    n = data.num_examples[cohort]
-    if sort_by_size:
-      order = jnp.argsort(-n, stable=True)
-      cohort, n = cohort[order], n[order]
-    pad = layout.padded - layout.cohort
-    ids = jnp.concatenate([cohort, jnp.broadcast_to(cohort[-1:], (pad,))])[slot_order]
-    valid = (jnp.arange(layout.padded) < layout.cohort)[slot_order]
-    num_ex = jnp.where(valid, jnp.concatenate([n, jnp.zeros((pad,), n.dtype)])[slot_order], 0)
-
-    cdata = jax.tree.map(lambda a: a[ids], data)._replace(num_examples=num_ex)
-    cdata = cdata._replace(mask=cdata.mask & valid[:, None])
-    cstate = jax.tree.map(lambda a: a[ids], state.clients)
-    rngs = jax.vmap(lambda i: jax.random.fold_in(k_clients, i))(ids)
-    infos = ClientInfo(ids, jnp.broadcast_to(state.round, ids.shape), valid)
     bcast = algorithm.broadcast(state.server)
-    uploads, new_cstate, cmetrics = sharded_block(bcast, cstate, cdata, rngs, infos)
+    pool_states = state.clients if pooled else (state.clients,)
+    sampler_states = state.sampler if pooled else (state.sampler,)
+    # A pool's cohort key depends on its name, not its position, so a pool
+    # samples the same clients whatever other pools run beside it.
+    pool_key = lambda name: jax.random.fold_in(k_sample, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+    outs = [pool_phase(pl, blk, bcast, cs, ss, data, pool_key(nm) if pooled else k_sample,
+                       k_clients, state.round)
+            for pl, blk, cs, ss, nm in zip(plans, blocks, pool_states, sampler_states, names)]
+    uploads, weights, infos, new_clients, new_samplers, cmetrics = map(tuple, zip(*outs))
+    if pooled:
+      server, smetrics = algorithm.server_update(state.server, uploads, weights, infos, k_server)
+      clients, sampler_state = new_clients, new_samplers
+    else:
+      server, smetrics = algorithm.server_update(state.server, uploads[0], weights[0], infos[0],
+                                                 k_server)
+      clients, sampler_state = new_clients[0], new_samplers[0]
 
-    weights = num_ex.astype(jnp.float32)
-    server, smetrics = algorithm.server_update(
-        state.server, uploads, weights, ServerInfo(state.round, ids, num_ex, valid), k_server)
-    scatter_ids = jnp.where(valid, ids, data.num_examples.shape[0])  # padding -> dropped
-    clients = jax.tree.map(lambda a, u: a.at[scatter_ids].set(u, mode="drop"),
-                           state.clients, new_cstate)
-
-    metrics = {k: _weighted_mean(v, weights) for k, v in cmetrics.items()
-               if k not in ("useful_examples", "batch_slots", "steps")}
-    if "useful_examples" in cmetrics and "batch_slots" in cmetrics:
-      slots = cmetrics["batch_slots"].reshape(-1, layout.chunk)
-      processed = jnp.sum(jnp.max(slots, axis=1)) * layout.chunk
-      metrics["padding_efficiency"] = jnp.sum(cmetrics["useful_examples"]) / jnp.maximum(
-          processed, 1.0)
-      metrics["useful_examples"] = jnp.sum(cmetrics["useful_examples"])
+    metrics, useful, processed = {}, 0.0, 0.0
+    for key in set().union(*[m.keys() for m in cmetrics]) - {"useful_examples", "batch_slots",
+                                                             "steps"}:
+      have = [(m[key], w) for m, w in zip(cmetrics, weights) if key in m]
+      metrics[key] = _weighted_mean(jnp.concatenate([v for v, _ in have]),
+                                    jnp.concatenate([w for _, w in have]))
+    if pooled:
+      for name, m, w in zip(names, cmetrics, weights):
+        metrics.update({f"{name}/{k}": _weighted_mean(v, w) for k, v in m.items()
+                        if k not in ("useful_examples", "batch_slots", "steps")})
+    have_pad = all("useful_examples" in m and "batch_slots" in m for m in cmetrics)
+    if have_pad:
+      for pl, m in zip(plans, cmetrics):
+        slots = m["batch_slots"].reshape(-1, pl.layout.chunk)
+        processed += jnp.sum(jnp.max(slots, axis=1)) * pl.layout.chunk
+        useful += jnp.sum(m["useful_examples"])
+      metrics["padding_efficiency"] = useful / jnp.maximum(processed, 1.0)
+      metrics["useful_examples"] = useful
     metrics.update({f"server/{k}": v for k, v in smetrics.items()})
     metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
     return SimState(state.round + 1, server, clients, sampler_state), metrics

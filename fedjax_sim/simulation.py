@@ -54,9 +54,10 @@ def validate_config(cfg) -> None:
   need(cfg.checkpoint_every >= 1, f"checkpoint_every={cfg.checkpoint_every} must be >= 1.")
   need(cfg.rounds_per_call >= 1, f"rounds_per_call={cfg.rounds_per_call} must be >= 1.")
   need(cfg.chunk_size >= 0, f"chunk_size={cfg.chunk_size} must be >= 0 (0 = no chunking).")
-  from fedjax_sim.algorithms import ALGORITHMS
-  need(cfg.algorithm in ALGORITHMS, f"unknown algorithm '{cfg.algorithm}'; set "
-       f"--config.algorithm to one of {', '.join(sorted(ALGORITHMS))}.")
+  from fedjax_sim.algorithms import ALGORITHMS, POOLED_ALGORITHMS
+  known = sorted(ALGORITHMS) + sorted(POOLED_ALGORITHMS)
+  need(cfg.algorithm in known, f"unknown algorithm '{cfg.algorithm}'; set "
+       f"--config.algorithm to one of {', '.join(known)}.")
   need(cfg.model in models.MODELS, f"unknown model '{cfg.model}'; set --config.model to one of "
        f"{', '.join(sorted(models.MODELS))}.")
 
@@ -86,11 +87,18 @@ def build_experiment(cfg) -> Experiment:
   if empty.size:
     raise ConfigError(f"client {int(empty[0])} has no training data; lower "
                       "--config.data.client_test_fraction or --config.data.num_clients.")
-  model = models.build_model(cfg.model, data.num_classes, **dict(cfg.model_kwargs))
-  apply_fn = lambda params, x: model.apply({"params": params}, x)
-  init_params = lambda rng: models.init_params(model, rng, data.input_shape)
-  algorithm = build_algorithm(cfg, apply_fn, init_params)
-  sampler = sampling.build_sampler(cfg, data.num_clients)
+  from fedjax_sim.algorithms import POOLED_ALGORITHMS
+  if cfg.algorithm in POOLED_ALGORITHMS:  # model pools: the algorithm builds its models
+    from fedjax_sim.algorithms.pooled import DataSpec
+    model, sampler = None, None
+    algorithm = POOLED_ALGORITHMS[cfg.algorithm](
+        cfg, DataSpec(data.input_shape, data.num_classes, data.num_clients))
+  else:
+    model = models.build_model(cfg.model, data.num_classes, **dict(cfg.model_kwargs))
+    apply_fn = lambda params, x: model.apply({"params": params}, x)
+    init_params = lambda rng: models.init_params(model, rng, data.input_shape)
+    algorithm = build_algorithm(cfg, apply_fn, init_params)
+    sampler = sampling.build_sampler(cfg, data.num_clients)
   mesh = make_mesh(cfg.num_devices or None)
   return Experiment(cfg, data, model, algorithm, sampler, mesh)
 

@@ -39,6 +39,8 @@ def get_base_config() -> ml_collections.ConfigDict:
       "schedule_period": 50})
 
   c.model = "mlp"
+  # Model pools (model-heterogeneous algorithms): MODEL_ZOO names, clients round-robin.
+  c.archs = ("mlp_s", "mlp_m", "cnn_s")
   c.model_kwargs = ml_collections.ConfigDict({"hidden": (200, 200)})
 
   c.data = ml_collections.ConfigDict()
