@@ -180,6 +180,8 @@ def train_and_evaluate(cfg, workdir: str, resume: bool = False,
   progress = _progress(cfg, int(state.round))
   t0, train_time = time.time(), 0.0
   row = history[-1] if history else {}
+  if not history:  # the initial model, so curves start at round 0
+    row = do_eval(state, {}, 0.0)
   try:
     while int(state.round) < cfg.rounds:
       last_good = state

@@ -23,7 +23,7 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_string("workdir", None, "Run directory (default runs/<algorithm>_<dataset>_<time>).")
 flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in --workdir.")
 
-COMMANDS = ("run",)
+COMMANDS = ("run", "sweep")
 
 
 def format_summary(row: dict, cfg, workdir: str) -> str:
@@ -47,7 +47,11 @@ def main(argv):
   cmd = argv[1:] or ["run"]
   if cmd[0] not in COMMANDS or len(cmd) > 1:
     raise app.UsageError(f"unknown command {' '.join(cmd)!r}; usage: fedjax-sim run "
-                         "[--config=<file>] [--config.<key>=<value>] [--workdir=<dir>] [--resume]")
+                         "[--config=<file>] [--config.<key>=<value>] [--workdir=<dir>] [--resume]"
+                         " | fedjax-sim sweep --help")
+  if cmd[0] == "sweep":
+    from fedjax_sim.launch import sweep
+    sys.exit(sweep.main(FLAGS))
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   cfg = FLAGS.config
   workdir = FLAGS.workdir or os.path.join(
