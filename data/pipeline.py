@@ -45,7 +45,8 @@ class FederatedData:
             f"{self.train.max_examples}), global test {len(self.test_y)}")
 
 
-def build_federated_data(cfg: Any, batch_size: int = 1, seed: int = 0) -> FederatedData:
+def build_federated_data(cfg: Any, batch_size: int = 1, seed: int = 0,
+                         sharding: Any = None) -> FederatedData:
   """Loads, partitions, splits and packs a dataset described by ``cfg``.
 
   Args:
@@ -55,6 +56,9 @@ def build_federated_data(cfg: Any, batch_size: int = 1, seed: int = 0) -> Federa
       ``synthetic``, ``synthetic_alpha``, ``synthetic_beta``.
     batch_size: client N is padded to a multiple of this.
     seed: partition seed (the run seed).
+    sharding: where the arrays live (default: the default device). The
+      simulation passes a replicated ``NamedSharding`` over its mesh, which
+      also works across processes (every process builds the same data).
 
   Raises:
     DatasetError, PartitionError: with a message naming the setting to change.
@@ -85,5 +89,7 @@ def build_federated_data(cfg: Any, batch_size: int = 1, seed: int = 0) -> Federa
     train = pack([ds.train_x[i] for i in tr], [ds.train_y[i] for i in tr], batch_size)
     test = pack([ds.train_x[i] for i in te], [ds.train_y[i] for i in te])
     test_x, test_y, num_classes, input_shape = ds.test_x, ds.test_y, ds.num_classes, ds.input_shape
-  return FederatedData(to_device(train), to_device(test), jax.device_put(test_x),
-                       jax.device_put(test_y), num_classes, tuple(input_shape), name)
+  return FederatedData(to_device(train, sharding), to_device(test, sharding),
+                       jax.device_put(np.asarray(test_x), sharding),
+                       jax.device_put(np.asarray(test_y), sharding), num_classes,
+                       tuple(input_shape), name)

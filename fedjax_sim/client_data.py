@@ -60,4 +60,4 @@ def pack(xs: list[np.ndarray], ys: list[np.ndarray], multiple: int = 1) -> Clien
 
 def to_device(data: ClientData, sharding=None) -> ClientData:
   """Puts the whole client dataset on device once (replicated by default)."""
-  return jax.tree.map(lambda a: jax.device_put(jnp.asarray(a), sharding), data)
+  return jax.tree.map(lambda a: jax.device_put(np.asarray(a), sharding), data)

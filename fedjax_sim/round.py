@@ -279,5 +279,9 @@ def make_round(algorithm: FederatedAlgorithm, sampler: Optional[Sampler] = None,
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-  """Places a pytree replicated on every device of the mesh."""
-  return jax.device_put(tree, NamedSharding(mesh, P()))
+  """Places a pytree replicated on every device of the mesh.
+
+  Goes through host memory, so it also works when the mesh spans several
+  processes (multi-host): every process holds the same values.
+  """
+  return jax.device_put(jax.device_get(tree), NamedSharding(mesh, P()))

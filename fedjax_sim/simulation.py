@@ -21,6 +21,7 @@ from fedjax_sim.algorithm import FederatedAlgorithm
 from fedjax_sim.checkpoint import Checkpointer
 from fedjax_sim.errors import CheckpointError, ConfigError, DivergedError
 from fedjax_sim.round import init_state, make_mesh, make_round
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 
 def validate_config(cfg) -> None:
@@ -82,7 +83,9 @@ def build_experiment(cfg) -> Experiment:
   validate_config(cfg)
   from fedjax_sim.algorithms import build_algorithm
   from fedjax_sim.data import build_federated_data
-  data = build_federated_data(cfg.data, batch_size=cfg.batch_size, seed=cfg.seed)
+  mesh = make_mesh(cfg.num_devices or None)
+  data = build_federated_data(cfg.data, batch_size=cfg.batch_size, seed=cfg.seed,
+                              sharding=NamedSharding(mesh, P()))
   empty = np.flatnonzero(np.asarray(data.train.num_examples) == 0)
   if empty.size:
     raise ConfigError(f"client {int(empty[0])} has no training data; lower "
@@ -99,7 +102,6 @@ def build_experiment(cfg) -> Experiment:
     init_params = lambda rng: models.init_params(model, rng, data.input_shape)
     algorithm = build_algorithm(cfg, apply_fn, init_params)
     sampler = sampling.build_sampler(cfg, data.num_clients)
-  mesh = make_mesh(cfg.num_devices or None)
   return Experiment(cfg, data, model, algorithm, sampler, mesh)
 
 
@@ -136,14 +138,17 @@ def train_and_evaluate(cfg, workdir: str, resume: bool = False,
     CheckpointError: ``resume`` with no or an unreadable checkpoint.
   """
   exp = experiment or build_experiment(cfg)
+  # Multi-host: every process runs the same program; process 0 writes files.
+  main_process = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.max_checkpoints)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   if not resume and ckpt.latest_round() is not None:
     raise ConfigError(f"{workdir} already holds checkpoints (round {ckpt.latest_round()}); "
                       "pass --resume to continue it or choose another --workdir.")
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(cfg.to_json_best_effort(indent=2))
+  if main_process:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(cfg.to_json_best_effort(indent=2))
 
   mesh = exp.mesh
   state = init_state(exp.algorithm, exp.sampler, exp.data.num_clients, cfg.seed, mesh)
@@ -154,10 +159,12 @@ def train_and_evaluate(cfg, workdir: str, resume: bool = False,
     if os.path.exists(metrics_path):  # keep only what the checkpoint has seen
       with open(metrics_path) as f:
         history = [r for r in map(json.loads, f) if r["round"] <= start]
-    print(f"Resumed from {ckpt.directory} at round {start}.")
-  with open(metrics_path, "w") as f:
-    for r in history:
-      f.write(json.dumps(r) + "\n")
+    if main_process:
+      print(f"Resumed from {ckpt.directory} at round {start}.")
+  if main_process:
+    with open(metrics_path, "w") as f:
+      for r in history:
+        f.write(json.dumps(r) + "\n")
 
   rpc = _rounds_per_call(cfg)
   round_fn = make_round(exp.algorithm, exp.sampler, seed=cfg.seed, mesh=mesh,
@@ -172,19 +179,19 @@ def train_and_evaluate(cfg, workdir: str, resume: bool = False,
     row.update({f"train_{k}" if not k.startswith(("server/", "padding", "useful")) else k:
                 float(np.mean(v)) for k, v in round_metrics.items()})
     row["wall_s"] = wall
-    with open(metrics_path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    if main_process:
+      with open(metrics_path, "a") as f:
+        f.write(json.dumps(row) + "\n")
     history.append(row)
     return row
 
-  progress = _progress(cfg, int(state.round))
+  progress = _progress(cfg, int(state.round), enabled=main_process)
   t0, train_time = time.time(), 0.0
   row = history[-1] if history else {}
   if not history:  # the initial model, so curves start at round 0
     row = do_eval(state, {}, 0.0)
   try:
     while int(state.round) < cfg.rounds:
-      last_good = state
       tc = time.time()
       state, metrics = round_fn(state, data.train)
       metrics = jax.device_get(metrics)
@@ -203,20 +210,20 @@ def train_and_evaluate(cfg, workdir: str, resume: bool = False,
         row = do_eval(state, metrics, time.time() - t0)
         progress.set_postfix(acc=f"{row['test_accuracy']:.3f}", loss=f"{row.get('train_loss', 0):.3f}")
       progress.update(rpc)
-    del last_good
   finally:
     progress.close()
     ckpt.wait()
     ckpt.close()
   row = dict(row)
   row["train_time_s"] = train_time
-  from fedjax_sim import plotting
-  plotting.plot_history(history, os.path.join(workdir, "plots.png"),
-                        title=f"{cfg.algorithm} on {data.name}")
+  if main_process:
+    from fedjax_sim import plotting
+    plotting.plot_history(history, os.path.join(workdir, "plots.png"),
+                          title=f"{cfg.algorithm} on {data.name}")
   return row
 
 
-def _progress(cfg, start: int):
+def _progress(cfg, start: int, enabled: bool = True):
   from tqdm.auto import tqdm
   return tqdm(total=cfg.rounds, initial=start, desc=f"{cfg.algorithm}", unit="round",
-              disable=not cfg.progress, dynamic_ncols=True)
+              disable=not (cfg.progress and enabled), dynamic_ncols=True)

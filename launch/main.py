@@ -22,6 +22,10 @@ config_flags.DEFINE_config_file(
     "<file>:<arg> for a variant such as :smoke.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory (default runs/<algorithm>_<dataset>_<time>).")
 flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in --workdir.")
+flags.DEFINE_bool("distributed", False, "Multi-host: call jax.distributed.initialize first.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (with --distributed).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (with --distributed).")
+flags.DEFINE_integer("process_id", None, "This process's id in [0, num_processes).")
 
 COMMANDS = ("run", "sweep")
 
@@ -53,6 +57,9 @@ def main(argv):
     from fedjax_sim.launch import sweep
     sys.exit(sweep.main(FLAGS))
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+  if FLAGS.distributed:
+    from fedjax_sim import distributed
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   cfg = FLAGS.config
   workdir = FLAGS.workdir or os.path.join(
       "runs", f"{cfg.algorithm}_{cfg.data.dataset.replace(':', '-')}_{time.strftime('%Y%m%d-%H%M%S')}")
@@ -64,7 +71,9 @@ def main(argv):
   except (FedSimError, DatasetError, PartitionError) as err:
     print(f"fedjax-sim: error: {err}", file=sys.stderr)
     sys.exit(1)
-  print(format_summary(row, cfg, workdir))
+  import jax
+  if jax.process_index() == 0:
+    print(format_summary(row, cfg, workdir))
 
 
 def cli():

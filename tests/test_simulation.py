@@ -42,7 +42,7 @@ def test_resumed_run_equals_uninterrupted(small_config, tmp_path):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   ra, rb = _rows(full), _rows(part)
-  assert [r["round"] for r in ra] == [r["round"] for r in rb] == [2, 4, 6]
+  assert [r["round"] for r in ra] == [r["round"] for r in rb] == [0, 2, 4, 6]
   for x, y in zip(ra, rb):
     assert x["test_accuracy"] == y["test_accuracy"]
   assert os.path.exists(os.path.join(full, "plots.png"))
