@@ -1,0 +1,90 @@
+"""Federated self-supervised learning on digits: FedAlignUniform, FedSimCLR, SSD.
+
+SSD is arXiv 2508.01251 (SPEC.md section SSD). Variants (``:arg``):
+
+* ``silo``   (default): cross-silo, 10 clients, all 10 join every round, 30 rounds, E = 2.
+* ``device``: cross-device, 100 clients, 10 per round, 60 rounds, E = 5.
+* ``smoke``: a seconds-long silo run.
+
+Pick the method with ``--config.algorithm`` (``ssd`` default, ``fedalignuniform``,
+``fedsimclr``), the partition with ``--config.data.alpha`` (Dir(0.1) default),
+SSD's knobs with ``--config.ssl.beta/gamma/delta`` (SSD without PD:
+``delta=0``; without DSR: ``gamma=0``).
+
+Entry point for results: the experiment script, which evaluates the
+representation (uniformity, alignment, k-NN and linear-probe accuracy)::
+
+  python -m fedjax_sim.launch.experiments.ssd_digits --out=docs/results
+
+``fedjax-sim run --config=launch/configs/ssd_digits.py`` also trains (and
+checkpoints) these methods, but its built-in evaluation is the
+classification one: it argmaxes the ENCODER features as if they were logits,
+so its ``test_accuracy`` / ``test_loss`` are meaningless for SSL. Use the
+experiment script (or :mod:`fedjax_sim.repr_metrics`) for numbers.
+"""
+import ml_collections
+
+from fedjax_sim.launch.configs.base import get_base_config
+
+
+def get_config(arg: str = "silo"):
+  arg = arg or "silo"
+  if arg not in ("silo", "device", "smoke"):
+    raise ValueError(f"unknown variant '{arg}'; use ssd_digits.py:silo, :device or :smoke.")
+  c = get_base_config()
+  c.algorithm = "ssd"
+  c.client_lr = 0.05
+  c.client_momentum = 0.9
+  c.data.dataset = "digits"
+  c.data.partition = "dirichlet"
+  c.data.alpha = 0.1
+  c.data.client_test_fraction = 0.0  # SSL evaluates on the global test set only
+  c.data.min_examples = 2
+  c.chunk_size = 0
+  if arg in ("silo", "smoke"):
+    c.data.num_clients = 10
+    c.clients_per_round = 10
+    c.rounds = 30
+    c.local_epochs = 2
+    c.batch_size = 32
+    c.eval_every = 5
+    c.chunk_size = 5
+  else:
+    c.data.num_clients = 100
+    c.clients_per_round = 10
+    c.rounds = 60
+    c.local_epochs = 5
+    c.batch_size = 16
+    c.eval_every = 10
+  if arg == "smoke":
+    c.rounds = 4
+    c.local_epochs = 1
+    c.eval_every = 2
+  c.rounds_per_call = c.eval_every
+  c.checkpoint_every = c.rounds
+
+  c.ssl = ml_collections.ConfigDict()
+  c.ssl.input_shape = (8, 8, 1)
+  c.ssl.encoder = "mlp"  # mlp | cnn
+  c.ssl.encoder_hidden = (256,)
+  c.ssl.dim = 128  # D: encoder output = projector output (PD needs equal dims)
+  c.ssl.projector_hidden = 256
+  c.ssl.weight_decay = 1e-4
+  c.ssl.cosine = True
+  c.ssl.beta = 1.0  # uniformity weight
+  c.ssl.gamma = 1.0  # DSR weight
+  c.ssl.delta = 0.1  # PD weight
+  c.ssl.t = 2.0  # uniformity temperature
+  c.ssl.tau = 0.5  # NT-Xent temperature (FedSimCLR)
+  c.ssl.dsr_scale = 10.0 ** 0.5
+  c.ssl.pd_temperature = 0.5
+  c.ssl.basis_seed = 0
+  c.ssl.augment = ml_collections.ConfigDict(dict(
+      max_rotation_deg=15.0, scale_range=(0.85, 1.15), max_shift=1.0,
+      flip_prob=0.0,  # mirrored digits are other shapes; see fedjax_sim/augment.py
+      intensity_range=(0.75, 1.25), cutout_size=0, cutout_prob=0.0, noise_std=0.05))
+  # Evaluation (experiment script)
+  c.ssl.knn_k = 20
+  c.ssl.knn_t = 0.1
+  c.ssl.probe_steps = 500
+  return c

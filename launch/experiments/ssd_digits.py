@@ -1,0 +1,265 @@
+"""SSD vs its bases on digits: global uniformity, k-NN and linear-probe accuracy.
+
+Reproduces ``docs/results/ssd_digits.md`` (SSD: arXiv 2508.01251; SPEC.md
+section SSD)::
+
+  python -m fedjax_sim.launch.experiments.ssd_digits --out=docs/results
+
+Grid: methods {FedAlignUniform, FedSimCLR, SSD, SSD w/o PD, SSD w/o DSR} x
+settings {cross-silo (10 clients, all join), cross-device (100 clients, 10 per
+round)} x Dir(alpha) for alpha in {0.1, 0.5} x seeds {0, 1, 2}; configs from
+``launch/configs/ssd_digits.py``. Each run trains with ``make_round`` and is
+evaluated with :mod:`fedjax_sim.repr_metrics` every ``eval_every`` rounds
+(round 0 is the random-init encoder). Raw pixels are evaluated as a reference.
+
+Compile sharing (this machine has 2 CPU cores, and one round program compiles
+in ~20 s): FedAlignUniform and the SSD ablations are one program (SSD's loss
+with the weights (beta, gamma, delta) in the server state), and a seed changes
+only the initial state (init key, the algorithm's salt, the sampler's salt)
+and the data arrays, re-padded to a common N; ``make_round``'s own seed is
+fixed at 0. So a (setting, alpha) cell compiles two round programs (the
+AlignUniform family and FedSimCLR) and one evaluation.
+
+Outputs under ``--out``: ``ssd_digits_results.json`` (every curve),
+``ssd_digits_table.md`` (final-round mean +- std over seeds) and the PNG plots.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_sim.algorithms.ssd import model_from_config, ssd
+from fedjax_sim.algorithms.ssl import fedsimclr
+from fedjax_sim.augment import AugmentConfig, augment_batch
+from fedjax_sim.client_data import ClientData
+from fedjax_sim.data import build_federated_data
+from fedjax_sim.launch.configs.ssd_digits import get_config
+from fedjax_sim.repr_metrics import make_repr_eval
+from fedjax_sim.round import init_state, make_mesh, make_round, replicate
+from fedjax_sim.sampling import Sampler
+
+# name -> (program, loss weights (beta, gamma, delta))
+METHODS: dict[str, tuple[str, dict]] = {
+    "FedAlignUniform": ("alignuniform", dict(beta=1.0, gamma=0.0, delta=0.0)),
+    "SSD": ("alignuniform", dict(beta=1.0, gamma=1.0, delta=0.1)),
+    "SSD w/o PD": ("alignuniform", dict(beta=1.0, gamma=1.0, delta=0.0)),
+    "SSD w/o DSR": ("alignuniform", dict(beta=1.0, gamma=0.0, delta=0.1)),
+    "FedSimCLR": ("simclr", {}),
+}
+METRICS = ("uniformity_global_enc", "uniformity_global_proj", "uniformity_local_enc",
+           "uniformity_local_proj", "uniformity_test_enc", "alignment_test_enc",
+           "alignment_test_proj", "knn_accuracy", "linear_probe_accuracy")
+
+
+def salted_uniform(num_clients: int, clients_per_round: int, salt: int) -> Sampler:
+  """K of C clients uniformly without replacement; the key is salted by the state.
+
+  The salt lives in the sampler STATE (int32 []), so runs with different seeds
+  draw different cohorts from one compiled round (whose seed is fixed).
+  """
+  def sample(key, round, state):
+    del round
+    ids = jax.random.choice(jax.random.fold_in(key, state), num_clients, (clients_per_round,),
+                            replace=False)
+    return ids.astype(jnp.int32), state
+
+  return Sampler(lambda: jnp.int32(salt), sample, num_clients, clients_per_round)
+
+
+def repad(data: ClientData, n: int) -> ClientData:
+  """Pads every client's rows to N = n (host-side); padded rows are inert (mask False)."""
+  extra = n - data.y.shape[1]
+  pad = lambda a: np.pad(np.asarray(a), [(0, 0), (0, extra)] + [(0, 0)] * (a.ndim - 2))
+  return ClientData(jnp.asarray(pad(data.x)), jnp.asarray(pad(data.y)),
+                    jnp.asarray(pad(data.mask)), data.num_examples)
+
+
+def run_cell(setting: str, alpha: float, seeds: list[int], methods: list[str],
+             rounds: int | None) -> dict[str, Any]:
+  """All methods and seeds of one (setting, alpha) cell; returns curves per method/seed."""
+  cfg = get_config(setting)
+  cfg.data.alpha = alpha
+  if rounds:
+    cfg.rounds = rounds
+    cfg.eval_every = cfg.rounds_per_call = min(cfg.eval_every, rounds)
+  c, k, b = cfg.data.num_clients, cfg.clients_per_round, cfg.batch_size
+  mesh = make_mesh(1)
+  datas = {s: build_federated_data(cfg.data, batch_size=b, seed=s) for s in seeds}
+  n_max = max(d.train.y.shape[1] for d in datas.values())
+  trains = {s: replicate(repad(d.train, n_max), mesh) for s, d in datas.items()}
+  pool = max(int(np.sum(d.train.num_examples)) for d in datas.values())
+  test_x, test_y = datas[seeds[0]].test_x, datas[seeds[0]].test_y  # same for every seed
+
+  model, shape = model_from_config(cfg)
+  s = cfg.ssl
+  aug = AugmentConfig.from_dict(s.augment.to_dict())
+  common = dict(rounds=cfg.rounds, client_lr=cfg.client_lr, momentum=cfg.client_momentum,
+                weight_decay=s.weight_decay, batch_size=b, epochs=cfg.local_epochs,
+                cosine=s.cosine, augment=aug)
+  programs = {
+      "alignuniform": ssd(model, shape, num_clients=c, t=s.t, scale=s.dsr_scale,
+                          pd_temperature=s.pd_temperature, basis_seed=s.basis_seed, **common),
+      "simclr": fedsimclr(model, shape, tau=s.tau, **common),
+  }
+  features = lambda p, x: model.apply({"params": p}, x)
+  aug_fn = lambda key, x: augment_batch(key, x, aug)
+  evals = {sd: make_repr_eval(features, datas[sd].train, test_x, test_y, num_classes=10,
+                              augment_fn=aug_fn, t=s.t, knn_k=s.knn_k, knn_t=s.knn_t,
+                              probe_steps=s.probe_steps, pool_size=pool) for sd in seeds}
+  eval_key = jax.random.PRNGKey(1234)
+  out: dict[str, Any] = {"setting": setting, "alpha": alpha, "clients": c,
+                         "clients_per_round": k, "rounds": cfg.rounds,
+                         "local_epochs": cfg.local_epochs, "batch_size": b, "runs": {}}
+  # Reference: raw pixels as features (the same metrics on x itself).
+  raw = lambda p, x: (x.reshape(x.shape[0], -1), x.reshape(x.shape[0], -1))
+  out["raw_pixels"] = {sd: make_repr_eval(
+      raw, datas[sd].train, test_x, test_y, num_classes=10, augment_fn=aug_fn, t=s.t,
+      knn_k=s.knn_k, knn_t=s.knn_t, probe_steps=s.probe_steps, pool_size=pool)(None, eval_key)
+      for sd in seeds}
+
+  round_fns, timing = {}, {}
+  for name in methods:
+    prog, coef = METHODS[name]
+    alg = programs[prog]
+    if prog not in round_fns:
+      round_fns[prog] = make_round(alg, salted_uniform(c, k, 0), seed=0, mesh=mesh,
+                                   chunk_size=cfg.chunk_size or None,
+                                   rounds_per_call=cfg.rounds_per_call)
+    rf = round_fns[prog]
+    out["runs"][name] = {}
+    for sd in seeds:
+      t0 = time.time()
+      state = init_state(alg, salted_uniform(c, k, sd), c, sd)
+      if coef:
+        state = state._replace(server=state.server._replace(
+            coef={kk: jnp.float32(v) for kk, v in coef.items()}))
+      state = replicate(state, mesh)
+      curve = [{"round": 0, **evals[sd](state.server.params, eval_key)}]
+      losses = []
+      while int(state.round) < cfg.rounds:
+        state, m = rf(state, trains[sd])
+        losses += [float(v) for v in np.asarray(m["loss"])]
+        if not np.all(np.isfinite(losses)):
+          raise FloatingPointError(f"{name} seed {sd}: non-finite loss by round {len(losses)}")
+        curve.append({"round": int(state.round), **evals[sd](state.server.params, eval_key)})
+      out["runs"][name][str(sd)] = {"curve": curve, "loss": losses, "wall_s": time.time() - t0}
+      last = curve[-1]
+      print(f"[{setting} a={alpha}] {name:16s} seed {sd}: unif_g_enc "
+            f"{last['uniformity_global_enc']:.3f} unif_g_proj {last['uniformity_global_proj']:.3f}"
+            f" knn {last['knn_accuracy']:.3f} lp {last['linear_probe_accuracy']:.3f} "
+            f"({time.time() - t0:.1f}s)", flush=True)
+  return out
+
+
+def summarize(cells: list[dict]) -> str:
+  """Markdown table: final-round mean +- std over seeds (-L_uniform: higher = more uniform)."""
+  cols = [("uniformity_global_enc", "-L_unif global (enc)", -1),
+          ("uniformity_global_proj", "-L_unif global (proj)", -1),
+          ("uniformity_local_enc", "-L_unif local (enc)", -1),
+          ("alignment_test_enc", "L_align test (enc)", 1),
+          ("knn_accuracy", "k-NN acc", 1), ("linear_probe_accuracy", "linear-probe acc", 1)]
+  lines = []
+  for cell in cells:
+    lines += [f"\n**{cell['setting']}**, {cell['clients']} clients, {cell['clients_per_round']} "
+              f"per round, Dir({cell['alpha']}), {cell['rounds']} rounds, E = "
+              f"{cell['local_epochs']}, B = {cell['batch_size']}\n",
+              "| method | " + " | ".join(c[1] for c in cols) + " |",
+              "|---" * (len(cols) + 1) + "|"]
+    rows = {n: [r["curve"][-1] for r in runs.values()] for n, runs in cell["runs"].items()}
+    rows["raw pixels (reference)"] = list(cell["raw_pixels"].values())
+    rows["random-init encoder"] = [r["curve"][0] for r in
+                                   next(iter(cell["runs"].values())).values()]
+    for n, finals in rows.items():
+      cells_txt = []
+      for key, _, sign in cols:
+        v = sign * np.array([f[key] for f in finals])
+        cells_txt.append(f"{v.mean():.3f} ± {v.std():.3f}")
+      lines.append(f"| {n} | " + " | ".join(cells_txt) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def plot(cells: list[dict], out_dir: str) -> list[str]:
+  """One figure per metric: rows = settings, cols = alphas; mean +- std bands over seeds."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  paths = []
+  specs = [("uniformity_global_enc", "-L_uniform, global, encoder features", -1,
+            "ssd_digits_global_uniformity.png"),
+           ("uniformity_global_proj", "-L_uniform, global, projector output", -1,
+            "ssd_digits_global_uniformity_proj.png"),
+           ("knn_accuracy", "k-NN accuracy (test)", 1, "ssd_digits_knn.png"),
+           ("linear_probe_accuracy", "linear-probe accuracy (test)", 1,
+            "ssd_digits_linear_probe.png")]
+  settings = sorted({c["setting"] for c in cells}, key=["silo", "device"].index)
+  alphas = sorted({c["alpha"] for c in cells})
+  for key, label, sign, fname in specs:
+    fig, axes = plt.subplots(len(settings), len(alphas), figsize=(5 * len(alphas),
+                                                                   3.6 * len(settings)),
+                             squeeze=False)
+    for cell in cells:
+      ax = axes[settings.index(cell["setting"])][alphas.index(cell["alpha"])]
+      for name, runs in cell["runs"].items():
+        curves = [r["curve"] for r in runs.values()]
+        x = [p["round"] for p in curves[0]]
+        y = sign * np.array([[p[key] for p in cv] for cv in curves])
+        ax.plot(x, y.mean(0), label=name, marker="o", ms=3)
+        ax.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), alpha=0.15)
+      rawv = sign * np.mean([r[key] for r in cell["raw_pixels"].values()])
+      ax.axhline(rawv, color="gray", ls="--", lw=1, label="raw pixels")
+      ax.set_title(f"{cell['setting']} ({cell['clients']} clients, {cell['clients_per_round']}"
+                   f"/round), Dir({cell['alpha']})", fontsize=9)
+      ax.set_xlabel("round")
+      ax.set_ylabel(label, fontsize=8)
+      ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"digits: {label} (mean ± std over seeds)", fontsize=10)
+    fig.tight_layout()
+    path = os.path.join(out_dir, fname)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    paths.append(path)
+  return paths
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--out", default="docs/results")
+  p.add_argument("--seeds", default="0,1,2")
+  p.add_argument("--settings", default="silo,device")
+  p.add_argument("--alphas", default="0.1,0.5")
+  p.add_argument("--methods", default=",".join(METHODS))
+  p.add_argument("--rounds", type=int, default=0, help="override the config's rounds (0 = keep)")
+  a = p.parse_args(argv)
+  os.makedirs(a.out, exist_ok=True)
+  seeds = [int(x) for x in a.seeds.split(",")]
+  methods = [m.strip() for m in a.methods.split(",")]
+  for m in methods:
+    if m not in METHODS:
+      raise SystemExit(f"unknown method '{m}'; choose from {', '.join(METHODS)}.")
+  t0 = time.time()
+  cells = [run_cell(st, float(al), seeds, methods, a.rounds or None)
+           for st in a.settings.split(",") for al in a.alphas.split(",")]
+  res = {"command": "python -m fedjax_sim.launch.experiments.ssd_digits " + " ".join(
+      argv if argv is not None else __import__("sys").argv[1:]), "wall_s": time.time() - t0,
+         "device": str(jax.devices()[0]), "cells": cells}
+  with open(os.path.join(a.out, "ssd_digits_results.json"), "w") as f:
+    json.dump(res, f)
+  table = summarize(cells)
+  with open(os.path.join(a.out, "ssd_digits_table.md"), "w") as f:
+    f.write(table)
+  paths = plot(cells, a.out)
+  print(table)
+  print(f"wrote {a.out}/ssd_digits_results.json, ssd_digits_table.md, " + ", ".join(
+      os.path.basename(x) for x in paths) + f" in {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+  main()
