@@ -15,6 +15,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from fedjax_sim.launch import configs
+from fedjax_sim.launch import sweep as _sweep  # noqa: F401  (defines the sweep's flags)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
