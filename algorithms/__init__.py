@@ -11,6 +11,7 @@ from fedjax_sim.algorithm import FederatedAlgorithm
 from fedjax_sim.algorithms.fedavg import fedavg, server_optimizer
 from fedjax_sim.algorithms.fedprox import fedprox
 from fedjax_sim.algorithms.local import local_only
+from fedjax_sim.algorithms.scaffold import scaffold
 
 __all__ = ["ALGORITHMS", "build_algorithm", "fedavg", "fedprox", "local_only",
            "server_optimizer"]
@@ -43,6 +44,8 @@ ALGORITHMS: dict[str, Callable[..., FederatedAlgorithm]] = {
     "fedyogi": _fedopt("yogi"),
     "fedadagrad": _fedopt("adagrad"),
     "local": lambda cfg, a, i: local_only(a, i, init_seed=cfg.seed, **_common(cfg)),
+    "scaffold": lambda cfg, a, i: scaffold(a, i, num_clients=cfg.data.num_clients,
+                                           server_lr=cfg.server_lr, **_common(cfg)),
 }
 
 
@@ -57,6 +60,16 @@ def _fedavg_pools(cfg, spec):
 POOLED_ALGORITHMS: dict[str, Callable[..., FederatedAlgorithm]] = {
     "fedavg_pools": _fedavg_pools,
 }
+
+
+def _register_hetero():  # FedRE and its baselines; builders live in their modules
+  from fedjax_sim.algorithms.fedre import build_fedre
+  from fedjax_sim.algorithms.hetero_baselines import BUILDERS
+  POOLED_ALGORITHMS["fedre"] = build_fedre
+  POOLED_ALGORITHMS.update(BUILDERS)
+
+
+_register_hetero()
 
 
 def embedding_fn(cfg: Any, init_params: Callable) -> tuple[Callable, int]:

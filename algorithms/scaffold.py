@@ -1,0 +1,76 @@
+"""SCAFFOLD: Karimireddy et al., "SCAFFOLD: Stochastic Controlled Averaging for
+Federated Learning", arXiv 1910.06378, Algorithm 1 with option II.
+
+Client i keeps a control variate c_i (per-client state); the server keeps c.
+Local steps use the corrected gradient g_i(y) - c_i + c (implemented by adding
+the linear term <c - c_i, y> to the loss). After S local steps with rate eta_l:
+
+    c_i+ = c_i - c + (x - y_i) / (S eta_l)                     (option II)
+    upload (Delta y_i, Delta c_i) = (y_i - x, c_i+ - c_i)
+    x <- x + eta_g mean_i Delta y_i,   c <- c + (|S| / N) mean_i Delta c_i
+
+Means are example-weighted over the round's clients (weights, as FedAvg).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_sim.algorithm import (FederatedAlgorithm, local_train, masked_cross_entropy,
+                                  tree_weighted_mean)
+
+
+class ServerState(NamedTuple):
+  params: Any  # global model x
+  control: Any  # server control variate c (same pytree as params)
+
+
+def scaffold(apply_fn: Callable, init_params: Callable, *, client_lr: float, batch_size: int,
+             num_clients: int, epochs: int = 1, local_steps: int = 0,
+             server_lr: float = 1.0, **unused: Any) -> FederatedAlgorithm:
+  """SCAFFOLD (option II) with global step eta_g = ``server_lr``.
+
+  Args:
+    num_clients: N, for the server control update's |S| / N factor.
+  """
+  zeros = lambda rng: jax.tree.map(jnp.zeros_like, init_params(rng))
+
+  def init(rng):
+    params = init_params(rng)
+    return ServerState(params, jax.tree.map(jnp.zeros_like, params))
+
+  def client_update(server, c_i, data, rng, info):
+    correction = jax.tree.map(lambda c, ci: c - ci, server.control, c_i)
+
+    def loss(p, x, y, m, r):
+      linear = sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(correction),
+                                                   jax.tree.leaves(p)))
+      return masked_cross_entropy(apply_fn(p, x), y, m) + linear
+
+    res = local_train(loss, server.params, optax.sgd(client_lr), data, rng, epochs=epochs,
+                      batch_size=batch_size, local_steps=local_steps)
+    steps = jnp.maximum(res.metrics["steps"], 1.0)
+    c_new = jax.tree.map(lambda ci, c, x, y: ci - c + (x - y) / (steps * client_lr),
+                         c_i, server.control, server.params, res.params)
+    # A client that took no steps (padding slot) keeps its control variate.
+    c_new = jax.tree.map(lambda new, old: jnp.where(res.metrics["steps"] > 0, new, old),
+                         c_new, c_i)
+    delta_y = jax.tree.map(lambda y, x: y - x, res.params, server.params)
+    delta_c = jax.tree.map(lambda a, b: a - b, c_new, c_i)
+    return (delta_y, delta_c), c_new, res.metrics
+
+  def server_update(server, uploads, weights, info, rng):
+    delta_y, delta_c = uploads
+    mean_dy = tree_weighted_mean(delta_y, weights)
+    mean_dc = tree_weighted_mean(delta_c, weights)
+    frac = jnp.sum(info.valid) / num_clients
+    params = jax.tree.map(lambda x, d: x + server_lr * d, server.params, mean_dy)
+    control = jax.tree.map(lambda c, d: c + frac * d, server.control, mean_dc)
+    return ServerState(params, control), {"control_norm": optax.global_norm(control)}
+
+  return FederatedAlgorithm(
+      name="scaffold", init=init, init_client=zeros, client_update=client_update,
+      server_update=server_update, eval_params=lambda s, c: s.params, apply_fn=apply_fn)
