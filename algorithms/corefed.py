@@ -194,18 +194,23 @@ def corefed(apply_fn: Callable, init_params: Callable[[jax.Array], PyTree],
     return CoReFedBroadcast(s.params, s.z_global, s.has_global, s.client_z, s.last_round)
 
   def client_embedding(params, data):
-    """normalize(mean embedding over the client's real rows), in batches of B."""
-    n_rows = data.y.shape[0]
-    xs = data.x.reshape(n_rows // batch_size, batch_size, *data.x.shape[1:])
-    ms = data.mask.reshape(n_rows // batch_size, batch_size)
+    """normalize(mean embedding over the client's real rows), in batches of B.
 
-    def one(args):
-      x, m = args
+    The loop runs ceil(n / B) batches (the client's own count, real rows come
+    first), so under vmap a size-sorted chunk pays its largest member's
+    batches, not the dataset's padded N.
+    """
+    n = data.num_examples
+
+    def one(i, total):
+      x = jax.lax.dynamic_slice_in_dim(data.x, i * batch_size, batch_size)
+      m = jax.lax.dynamic_slice_in_dim(data.mask, i * batch_size, batch_size)
       _, z = embed_fn(params, x)
-      return jnp.sum(z * m[:, None].astype(z.dtype), 0)
+      return total + jnp.sum(z * m[:, None].astype(z.dtype), 0)
 
-    total = jnp.sum(jax.lax.map(one, (xs, ms)), 0)
-    return safe_normalize(total / jnp.maximum(jnp.sum(data.mask), 1).astype(total.dtype))
+    total = jax.lax.fori_loop(0, (n + batch_size - 1) // batch_size, one,
+                              jnp.zeros((D,), jnp.float32))
+    return safe_normalize(total / jnp.maximum(n, 1).astype(total.dtype))
 
   def client_update(b, client_state, data, rng, info):
     g = b.params
@@ -257,10 +262,12 @@ def corefed(apply_fn: Callable, init_params: Callable[[jax.Array], PyTree],
       stored = jax.tree.map(lambda a, u: a.at[scatter].set(u, mode="drop"),
                             s.stored_update, uploads["delta"])
       age = info.round - last_round
-      eligible = joined | ((last_round >= 0) & (age >= 1) & (age <= age_cap))
-      w = contribution_weights(freq, client_z @ z_g, eligible, gamma=gamma, k=k)  # [C]
+      reusable = (~joined) & (last_round >= 0) & (age >= 1) & (age <= age_cap)
+      w = contribution_weights(freq, client_z @ z_g, joined | reusable, gamma=gamma, k=k)  # [C]
+      # One pass over all C stored rows (the reused ones and the fresh ones just
+      # stored). This read is memory-bound: see docs/results/corefed_digits.md.
       delta = jax.tree.map(lambda a: jnp.tensordot(w.astype(a.dtype), a, axes=1), stored)
-      reused = jnp.sum(eligible & ~joined)
+      reused = jnp.sum(reusable)
     else:
       stored = ()
       if contribution:

@@ -1,0 +1,240 @@
+"""CoRe-Fed report on digits: FedAvg, q-FFL, Re-Fed, Co-Fed, CoRe-Fed over seeds.
+
+Every run is ``launch/configs/corefed_digits.py`` (100 clients, Dir(0.5), 20
+per round, power-law availability) with ``algorithm`` and ``seed`` set, built
+by ``simulation.build_experiment`` and trained with ``round.make_round``;
+evaluation is ``evaluation.make_evaluate`` + ``summarize`` (global test
+accuracy, per-client accuracy on each client's own test split, D_Cosine,
+D_Manhattan, ...) plus ``metrics.make_representation_eval`` (representation
+disparity of the global model over all 100 clients' training splits).
+
+  python launch/experiments/corefed_digits.py                      # the report (~15 min)
+  python launch/experiments/corefed_digits.py --rounds 20 --seeds 0 --out /tmp/x  # smoke
+  python launch/experiments/corefed_digits.py --throughput-only    # time/round ratio only
+
+Writes ``<out>/corefed_digits_results.json`` (all histories), PNG plots and
+``corefed_digits_table.md`` (the tables the report quotes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+from fedjax_sim import evaluation, metrics, sampling, simulation
+from fedjax_sim.launch.configs import corefed_digits
+from fedjax_sim.round import init_state, make_round
+
+METHODS = ("fedavg", "qffl", "refed", "cofed", "corefed")
+LABELS = {"fedavg": "FedAvg", "qffl": "q-FFL (q=1)", "refed": "Re-Fed", "cofed": "Co-Fed",
+          "corefed": "CoRe-Fed", "reference": "CoRe-Fed (reference code)"}
+KEYS = ("test_accuracy", "client_acc_mean", "client_acc_worst10", "client_acc_std", "d_cosine",
+        "d_manhattan", "jain_index", "repr_disparity")
+
+
+def method_config(method: str, seed: int, rounds: int, eval_every: int):
+  c = corefed_digits.get_config()
+  if method == "reference":
+    c.algorithm, c.corefed.reference_code = "corefed", True
+  else:
+    c.algorithm = method
+  c.seed, c.rounds, c.eval_every, c.progress = seed, rounds, eval_every, False
+  c.rounds_per_call = eval_every
+  return c
+
+
+def run_one(method: str, seed: int, rounds: int, eval_every: int) -> dict:
+  """Trains one method/seed; returns its evaluation history and timings."""
+  cfg = method_config(method, seed, rounds, eval_every)
+  exp = simulation.build_experiment(cfg)
+  state = init_state(exp.algorithm, exp.sampler, exp.data.num_clients, cfg.seed, exp.mesh)
+  round_fn = make_round(exp.algorithm, exp.sampler, seed=cfg.seed, mesh=exp.mesh,
+                        chunk_size=cfg.chunk_size or None, rounds_per_call=eval_every)
+  evaluate = evaluation.make_evaluate(exp.algorithm)
+  from fedjax_sim.algorithms import embedding_fn
+  embed_fn, _ = embedding_fn(cfg, lambda r: exp.algorithm.eval_params(exp.algorithm.init(r), None))
+  repr_eval = metrics.make_representation_eval(embed_fn)
+  data = exp.data
+  history, train_s, first_call_s = [], 0.0, None
+  while int(state.round) < rounds:
+    t = time.perf_counter()
+    state, m = round_fn(state, data.train)
+    jax.block_until_ready(state)
+    dt = time.perf_counter() - t
+    if first_call_s is None:
+      first_call_s = dt
+    else:
+      train_s += dt
+    params = exp.algorithm.eval_params(state.server, None)
+    raw = evaluate(state.server, state.clients, data.test, data.test_x, data.test_y)
+    row = {"round": int(state.round), **evaluation.summarize(raw, int(data.test_y.shape[0]))}
+    row["repr_disparity"] = float(repr_eval(params, data.train.x, data.train.mask)
+                                  ["repr_disparity"])
+    row.update({k: float(np.mean(v)) for k, v in jax.device_get(m).items()})
+    history.append(row)
+  timed_rounds = rounds - eval_every
+  return {"method": method, "seed": seed, "history": history,
+          "ms_per_round": 1e3 * train_s / max(timed_rounds, 1), "first_call_s": first_call_s}
+
+
+def throughput(repeats: int = 5, rounds: int = 50) -> dict:
+  """Median ms/round of FedAvg and CoRe-Fed (same model, cohort, sampler), interleaved."""
+  out = {}
+  fns = {}
+  for method in ("fedavg", "corefed"):
+    cfg = method_config(method, 0, rounds, 10)
+    exp = simulation.build_experiment(cfg)
+    rf = make_round(exp.algorithm, exp.sampler, seed=0, mesh=exp.mesh,
+                    chunk_size=cfg.chunk_size or None, rounds_per_call=10)
+    st = init_state(exp.algorithm, exp.sampler, exp.data.num_clients, 0, exp.mesh)
+    st, _ = rf(st, exp.data.train)  # compile
+    jax.block_until_ready(st)
+    fns[method] = [rf, st, exp.data.train]
+    out[method] = []
+  for _ in range(repeats):
+    for method, entry in fns.items():
+      rf, st, d = entry
+      t = time.perf_counter()
+      for _ in range(rounds // 10):
+        st, _ = rf(st, d)
+      jax.block_until_ready(st)
+      out[method].append(1e3 * (time.perf_counter() - t) / rounds)
+      entry[1] = st
+  res = {m: float(np.median(v)) for m, v in out.items()}
+  res["ratio"] = res["corefed"] / res["fedavg"]
+  res["samples_ms"] = out
+  return res
+
+
+def participation_skew(rounds: int) -> dict:
+  cfg = corefed_digits.get_config()
+  s = sampling.build_sampler(cfg, cfg.data.num_clients)
+  f = np.sort(sampling.participation_frequencies(s, rounds, seed=0))
+  return {"top10_mean": float(f[-10:].mean()), "bottom10_mean": float(f[:10].mean()),
+          "ratio_top10_bottom10": float(f[-10:].mean() / f[:10].mean()),
+          "p90_over_p10": float(np.percentile(f, 90) / np.percentile(f, 10)),
+          "min": float(f[0]), "max": float(f[-1])}
+
+
+def final_stats(runs: list[dict], last: int) -> dict:
+  """Per method: mean and std over seeds of each metric averaged over the last evaluations."""
+  out = {}
+  for method in dict.fromkeys(r["method"] for r in runs):
+    per_seed = [{k: np.mean([h[k] for h in r["history"][-last:]]) for k in KEYS}
+                for r in runs if r["method"] == method]
+    out[method] = {k: (float(np.mean([p[k] for p in per_seed])),
+                       float(np.std([p[k] for p in per_seed]))) for k in KEYS}
+  return out
+
+
+def plot(runs: list[dict], out_dir: str) -> list[str]:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  panels = [("test_accuracy", "global test accuracy"), ("d_cosine", "D_Cosine (rad)"),
+            ("d_manhattan", "D_Manhattan (pp)"), ("repr_disparity", "representation disparity")]
+  fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
+  for method in dict.fromkeys(r["method"] for r in runs):
+    hs = [r["history"] for r in runs if r["method"] == method]
+    x = [h["round"] for h in hs[0]]
+    for ax, (k, title) in zip(axes, panels):
+      y = np.array([[h[k] for h in hist] for hist in hs])
+      ax.plot(x, y.mean(0), label=LABELS[method])
+      ax.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), alpha=0.15)
+      ax.set(title=title, xlabel="round")
+  for ax in axes:
+    ax.grid(alpha=0.3)
+  axes[0].legend()
+  fig.suptitle("digits, 100 clients, Dir(0.5), 20/round, power-law availability "
+               f"(mean +- std over {len({r['seed'] for r in runs})} seeds)")
+  fig.tight_layout()
+  p1 = os.path.join(out_dir, "corefed_digits_curves.png")
+  fig.savefig(p1, dpi=90)
+  plt.close(fig)
+
+  stats = final_stats(runs, 5)
+  methods = list(stats)
+  fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+  for ax, k, title in zip(axes, ("test_accuracy", "d_cosine", "d_manhattan"),
+                          ("global test accuracy", "D_Cosine (rad, lower fairer)",
+                           "D_Manhattan (pp, lower fairer)")):
+    ax.bar(range(len(methods)), [stats[m][k][0] for m in methods],
+           yerr=[stats[m][k][1] for m in methods], capsize=4)
+    ax.set_xticks(range(len(methods)), [LABELS[m] for m in methods], rotation=20)
+    ax.set(title=title)
+    ax.grid(alpha=0.3, axis="y")
+  fig.suptitle("final (mean of the last 5 evaluations), mean +- std over seeds")
+  fig.tight_layout()
+  p2 = os.path.join(out_dir, "corefed_digits_final.png")
+  fig.savefig(p2, dpi=90)
+  plt.close(fig)
+  return [p1, p2]
+
+
+def table(runs, tp, skew, out_dir, rounds) -> str:
+  stats = final_stats(runs, 5)
+  lines = [f"Final metrics (mean of the evaluations at the last 5 x {runs[0]['history'][1]['round'] - runs[0]['history'][0]['round']} rounds up to round {rounds}; "
+           f"mean +- std over seeds {sorted({r['seed'] for r in runs})}).", "",
+           "| method | test acc | client acc mean | worst-10% | acc std | D_Cosine (rad) | "
+           "D_Manhattan (pp) | Jain | repr. disparity | ms/round |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+  for m, s in stats.items():
+    ms = np.mean([r["ms_per_round"] for r in runs if r["method"] == m])
+    cells = [f"{s[k][0]:.4f} +- {s[k][1]:.4f}" if k not in ("d_manhattan",) else
+             f"{s[k][0]:.1f} +- {s[k][1]:.1f}" for k in KEYS]
+    lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + f" | {ms:.1f} |")
+  if skew:
+    lines += ["", f"Participation skew over {rounds} rounds (sampler frequencies): most available "
+              f"10% of clients join {skew['top10_mean']:.3f} of rounds, least available 10% "
+              f"{skew['bottom10_mean']:.3f} (ratio {skew['ratio_top10_bottom10']:.1f}x; "
+              f"p90/p10 {skew['p90_over_p10']:.1f}x; min {skew['min']:.3f}, max {skew['max']:.3f})."]
+  if tp:
+    lines += ["", f"Throughput (median of {len(tp['samples_ms']['fedavg'])} interleaved repeats "
+              f"of 50 rounds, 10 fused per call): FedAvg {tp['fedavg']:.2f} ms/round, CoRe-Fed "
+              f"{tp['corefed']:.2f} ms/round, ratio {tp['ratio']:.2f}x."]
+  text = "\n".join(lines) + "\n"
+  with open(os.path.join(out_dir, "corefed_digits_table.md"), "w") as f:
+    f.write(text)
+  return text
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--rounds", type=int, default=300)
+  ap.add_argument("--eval-every", type=int, default=10)
+  ap.add_argument("--seeds", default="0,1,2")
+  ap.add_argument("--methods", default=",".join(METHODS))
+  ap.add_argument("--out", default="docs/results")
+  ap.add_argument("--throughput-only", action="store_true")
+  ap.add_argument("--no-throughput", action="store_true")
+  args = ap.parse_args()
+  os.makedirs(args.out, exist_ok=True)
+  if args.throughput_only:
+    print(json.dumps(throughput(), indent=1))
+    return
+  seeds = [int(s) for s in args.seeds.split(",")]
+  runs = []
+  for seed in seeds:
+    for method in args.methods.split(","):
+      t = time.time()
+      r = run_one(method, seed, args.rounds, args.eval_every)
+      last = r["history"][-1]
+      print(f"{method:8s} seed {seed}: acc {last['test_accuracy']:.4f} d_cos "
+            f"{last['d_cosine']:.4f} d_man {last['d_manhattan']:.1f} repr "
+            f"{last['repr_disparity']:.4f} ({r['ms_per_round']:.1f} ms/round, "
+            f"{time.time() - t:.0f}s)", flush=True)
+      runs.append(r)
+  tp = None if args.no_throughput else throughput()
+  skew = participation_skew(args.rounds)
+  with open(os.path.join(args.out, "corefed_digits_results.json"), "w") as f:
+    json.dump({"runs": runs, "throughput": tp, "participation_skew": skew}, f)
+  plot(runs, args.out)
+  print(table(runs, tp, skew, args.out, args.rounds))
+
+
+if __name__ == "__main__":
+  main()
