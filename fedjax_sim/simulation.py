@@ -19,6 +19,7 @@ import numpy as np
 from fedjax_sim import evaluation, models, sampling
 from fedjax_sim.algorithm import FederatedAlgorithm
 from fedjax_sim.checkpoint import Checkpointer
+from fedjax_sim.checks import check_algorithm
 from fedjax_sim.errors import CheckpointError, ConfigError, DivergedError
 from fedjax_sim.round import init_state, make_mesh, make_round
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -152,6 +153,7 @@ def train_and_evaluate(cfg, workdir: str, resume: bool = False,
 
   mesh = exp.mesh
   state = init_state(exp.algorithm, exp.sampler, exp.data.num_clients, cfg.seed, mesh)
+  check_algorithm(exp.algorithm, state, exp.data.train)
   history: list[dict] = []
   if resume:
     state = ckpt.restore(state)

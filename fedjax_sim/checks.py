@@ -1,0 +1,104 @@
+"""Early checks of a user-written algorithm, with messages that point to the guide.
+
+:func:`check_algorithm` traces one client update and one server update with
+abstract values (``jax.eval_shape``: no compute) before the round is compiled,
+and turns the usual tracing failures into one-paragraph errors naming the
+mistake and the section of ``docs/writing_an_algorithm.md`` that explains it.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_sim.algorithm import ClientInfo, FederatedAlgorithm, ServerInfo
+from fedjax_sim.client_data import ClientData
+from fedjax_sim.errors import FedSimError
+
+GUIDE = "docs/writing_an_algorithm.md"
+
+
+class AlgorithmError(FedSimError, TypeError):
+  """A FederatedAlgorithm breaks the contract (see the guide)."""
+
+
+def _non_arrays(tree: Any, what: str) -> None:
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    if not isinstance(leaf, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)):
+      raise AlgorithmError(
+          f"{what}{jax.tree_util.keystr(path)} is a {type(leaf).__name__}, not an array: "
+          "states must be pytrees of arrays so they can be jitted, sharded and checkpointed "
+          f"(wrap numbers with jnp.asarray; keep config in the factory's closure). See {GUIDE}, "
+          "'The contract'.")
+
+
+_TRACING_ERRORS = (jax.errors.ConcretizationTypeError, jax.errors.TracerBoolConversionError,
+                   jax.errors.TracerArrayConversionError, jax.errors.TracerIntegerConversionError,
+                   jax.errors.UnexpectedTracerError)
+
+
+def _shapes(tree):
+  return jax.tree.map(lambda a: (tuple(a.shape), jnp.dtype(a.dtype)), tree)
+
+
+def check_algorithm(algorithm: FederatedAlgorithm, state: Any, data: ClientData) -> None:
+  """Traces ``client_update`` and ``server_update`` abstractly and checks the contract.
+
+  Args:
+    algorithm: the algorithm (single pool; pooled algorithms are checked per pool).
+    state: a SimState from ``init_state``.
+    data: ClientData [C, N, ...].
+
+  Raises:
+    AlgorithmError: a non-array in a state; Python control flow or shapes that
+      depend on a client's values; a client update that changes the shape of
+      the client state; non-scalar metrics; a server update that changes the
+      server state's structure.
+  """
+  _non_arrays(state.server, "server state")
+  _non_arrays(state.clients, "client state")
+  if algorithm.pools:
+    return
+  one = lambda t: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), t)
+  cstate, cdata = one(state.clients), one(data)
+  info = ClientInfo(jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32),
+                    jax.ShapeDtypeStruct((), jnp.bool_))
+  key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+  try:
+    upload, new_cstate, metrics = jax.eval_shape(
+        algorithm.client_update, algorithm.broadcast(state.server), cstate, cdata, key, info)
+  except _TRACING_ERRORS as err:
+    raise AlgorithmError(
+        f"client_update of '{algorithm.name}' uses a client's VALUES where JAX needs static "
+        "Python values (an `if` on an array, a shape from num_examples, float()/int() of an "
+        "array, or a tracer stored outside the function). Every client runs the same "
+        "program under vmap: use jnp.where / lax.cond for branches, masks for sizes, and "
+        f"return values instead of storing them. See {GUIDE}, 'The contract'. JAX said: "
+        f"{str(err).splitlines()[0]}") from err
+  if _shapes(new_cstate) != _shapes(cstate):
+    raise AlgorithmError(
+        f"client_update of '{algorithm.name}' returns a client state of shapes "
+        f"{_shapes(new_cstate)} but receives {_shapes(cstate)}: per-client state is stacked "
+        f"[C, ...], so its shape and dtype must not change. See {GUIDE}, 'Per-client state'.")
+  bad = {k: v.shape for k, v in metrics.items() if v.shape != ()}
+  if bad:
+    raise AlgorithmError(f"client_update of '{algorithm.name}' returns non-scalar metrics {bad};"
+                         f" return float32 scalars. See {GUIDE}, 'The contract'.")
+  k = 2
+  stack = lambda t: jax.tree.map(lambda a: jax.ShapeDtypeStruct((k, *a.shape), a.dtype), t)
+  sinfo = ServerInfo(jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((k,), jnp.int32),
+                     jax.ShapeDtypeStruct((k,), jnp.int32), jax.ShapeDtypeStruct((k,), jnp.bool_))
+  try:
+    new_server, _ = jax.eval_shape(algorithm.server_update, state.server, stack(upload),
+                                   jax.ShapeDtypeStruct((k,), jnp.float32), sinfo, key)
+  except _TRACING_ERRORS as err:
+    raise AlgorithmError(
+        f"server_update of '{algorithm.name}' uses array values as Python values; see {GUIDE}, "
+        f"'The contract'. JAX said: {str(err).splitlines()[0]}") from err
+  if _shapes(new_server) != _shapes(state.server):
+    raise AlgorithmError(
+        f"server_update of '{algorithm.name}' changes the server state's structure or shapes "
+        f"(was {_shapes(state.server)}, now {_shapes(new_server)}); it must return the same "
+        f"pytree. See {GUIDE}, 'The contract'.")
