@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench install clean
+.PHONY: run test bench docs install clean
 
 $(STAMP): pyproject.toml setup.cfg
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -20,6 +20,12 @@ run: $(STAMP)
 # The whole test suite (about 5 minutes on 2 cores).
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -n 2 tests $(ARGS)
+
+# API reference from the docstrings (pdoc, offline) into docs/api/.
+docs: $(STAMP)
+	$(VENV)/bin/pip install -q "pdoc>=14"
+	$(VENV)/bin/pdoc -o docs/api fedjax_sim fedjax_sim.algorithms fedjax_sim.data fedjax_sim.launch
+	@echo "API reference: docs/api/index.html"
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/throughput.py
