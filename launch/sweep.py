@@ -350,6 +350,7 @@ class SlurmOptions:
   extra: str = ""
   wait: bool = True
   poll_s: float = 2.0
+  timeout_s: Optional[float] = None  # cancel the job (scancel) after this long
 
 
 def _plan_dir(workdir: str) -> str:
@@ -653,7 +654,11 @@ def run_sweep(cfg, points: Sequence[Point], workdir: str, *, backend: str = "loc
       if not opts.wait:
         log(f"not waiting; when job {job} is done, run the same command with --collect_only")
         return collect(workdir, points)
-      wait_slurm(job, opts.poll_s)
+      try:
+        wait_slurm(job, opts.poll_s, opts.timeout_s)
+      except TimeoutError:
+        subprocess.run(["scancel", job], capture_output=True)
+        raise
       log(f"SLURM job {job} finished")
     elif processes > 1:
       run_local_processes(workdir, todo, processes, log)
