@@ -41,6 +41,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model = "mlp"
   # Model pools (model-heterogeneous algorithms): MODEL_ZOO names, clients round-robin.
   c.archs = ("mlp_s", "mlp_m", "cnn_s")
+  # FedRE (+ FedProto, FedGH, FedAllRep, LG-FedAvg, local_pools) knobs (algorithms/fedre.py)
+  c.fedre = ml_collections.ConfigDict({
+      "dim": 32, "rm": "avg", "variant": "RAP", "weights": "uniform", "resample": True,
+      "server_lr": 0.01, "server_batch_size": 32, "server_epochs": 1,
+      "server_reduction": "sum", "fedproto_lambda": 1.0})
   c.model_kwargs = ml_collections.ConfigDict({"hidden": (200, 200)})
 
   c.data = ml_collections.ConfigDict()

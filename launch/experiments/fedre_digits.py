@@ -1,0 +1,297 @@
+"""FedRE report on digits: FedRE vs FedProto vs FedGH vs local vs FedAllRep,
+PRA and PAT, several seeds; communication per round; representation inversion.
+
+Every run is ``launch/configs/fedre_digits.py`` (10 clients, all join, 5
+architectures round-robin, RM avg pooling to D = 32) with ``algorithm``,
+``data.partition`` and ``seed`` set. The algorithm is built by the
+``POOLED_ALGORITHMS`` registry, trained with ``round.make_round`` and
+evaluated with ``evaluation.make_evaluate`` + ``summarize`` (pooled
+algorithms: accuracy over the clients' own test splits, example-weighted).
+
+One compiled round per METHOD serves every partition and seed: the client
+arrays of all runs are padded to one common N (padding rows are masked and
+inert) and ``make_round`` gets ``seed=0`` for every run, so a run's seed
+changes the partition, the client/test split and the model initialization
+(``init_state(seed)``), while the per-round key stream (shuffles, RAP weight
+draws) is the same function of (round, client id) in every run. This is a
+compute saving on a shared 2-core machine, stated in the report.
+
+  python launch/experiments/fedre_digits.py --out docs/results               # the report
+  python launch/experiments/fedre_digits.py --rounds 4 --seeds 0 --methods fedre --out /tmp/x
+
+Writes ``<out>/fedre_digits_results.json``, ``fedre_digits_*.png`` and
+``fedre_digits_tables.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_sim import comm, evaluation, inversion
+from fedjax_sim.algorithms import POOLED_ALGORITHMS
+from fedjax_sim.algorithms.pooled import DataSpec
+from fedjax_sim.client_data import ClientData
+from fedjax_sim.data import build_federated_data
+from fedjax_sim.launch.configs import fedre_digits
+from fedjax_sim.round import init_state, make_mesh, make_round, replicate
+
+METHODS = ("fedre", "fedproto", "fedgh", "local_pools", "fedallrep")
+LABELS = {"fedre": "FedRE (RAP)", "fedproto": "FedProto", "fedgh": "FedGH",
+          "local_pools": "Local", "fedallrep": "FedAllRep", "lg_fedavg": "LG-FedAvg"}
+
+
+def pad_to(data: ClientData, n: int) -> ClientData:
+  """Pads the example axis of a ClientData to n rows (masked, inert)."""
+  pad = n - data.y.shape[1]
+  widths = lambda a: [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)
+  return ClientData(jnp.pad(data.x, widths(data.x)), jnp.pad(data.y, widths(data.y)),
+                    jnp.pad(data.mask, widths(data.mask)), data.num_examples)
+
+
+def load_all(partitions, seeds, arg_extra=""):
+  """Builds every (partition, seed) dataset, padded to common train/test N."""
+  out = {}
+  for part in partitions:
+    for seed in seeds:
+      cfg = fedre_digits.get_config(",".join(a for a in (part, arg_extra) if a))
+      out[(part, seed)] = build_federated_data(cfg.data, batch_size=cfg.batch_size, seed=seed)
+  b = fedre_digits.get_config().batch_size
+  n_tr = max(d.train.y.shape[1] for d in out.values())
+  n_tr = -(-n_tr // b) * b
+  n_te = max(d.test.y.shape[1] for d in out.values())
+  for d in out.values():
+    d.train, d.test = pad_to(d.train, n_tr), pad_to(d.test, n_te)
+  return out
+
+
+def run_method(method, datasets, rounds, eval_every, mesh, keep_states=()):
+  """Trains ``method`` on every dataset with ONE compiled round; returns histories."""
+  cfg = fedre_digits.get_config()
+  cfg.algorithm = method
+  any_data = next(iter(datasets.values()))
+  spec = DataSpec(any_data.input_shape, any_data.num_classes, any_data.num_clients)
+  alg = POOLED_ALGORITHMS[method](cfg, spec)
+  round_fn = make_round(alg, seed=0, mesh=mesh, chunk_size=cfg.chunk_size or None,
+                        rounds_per_call=eval_every)
+  evaluate = evaluation.make_evaluate(alg)
+  shapes = comm.round_comm(alg, any_data.train)
+  runs, states = [], {}
+  for (part, seed), data in datasets.items():
+    state = init_state(alg, None, data.num_clients, seed, mesh)
+    train = replicate(data.train, mesh)
+    hist, t0 = [], time.perf_counter()
+    while int(state.round) < rounds:
+      state, m = round_fn(state, train)
+      raw = evaluate(state.server, state.clients, data.test, data.test_x, data.test_y)
+      row = {"round": int(state.round),
+             **evaluation.summarize(raw, int(data.test_y.shape[0]))}
+      row.update({k: float(np.mean(v)) for k, v in jax.device_get(m).items()})
+      hist.append(row)
+    wall = time.perf_counter() - t0
+    print(f"{method:12s} {part} seed {seed}: acc {hist[-1]['test_accuracy']:.4f} "
+          f"(best {max(r['test_accuracy'] for r in hist):.4f}) {wall:.1f}s", flush=True)
+    runs.append({"method": method, "partition": part, "seed": seed, "history": hist,
+                 "wall_s": wall})
+    if (part, seed) in keep_states:
+      states[(part, seed)] = (alg, state)
+  shapes = {k: v for k, v in shapes.items() if k != "pools"}
+  return runs, shapes, states
+
+
+def inversion_eval(states_by_method, datasets, key, decoder_steps):
+  """Attacks every client of run ``key`` = (partition, seed); returns mean scores per form.
+
+  ``fedre_extractor``: all forms decoded with the FedRE-trained extractors (only
+  the uploaded form differs). ``own_extractor``: each method's own trained
+  extractors for the form it uploads (FedAllRep: representations, FedGH:
+  prototypes, FedProto: prototypes, FedRE: entangled).
+  """
+  data = datasets[key]
+  x_pub = np.asarray(data.test_x)  # public set: the global test split (unused by pooled runs)
+  tr = jax.device_get(data.train)
+  out = {}
+
+  def attack(method, forms):
+    alg, state = states_by_method[method][key]
+    scores = {}
+    for p, pool in enumerate(alg.pools):
+      from fedjax_sim.algorithms import rm as rm_lib
+      model = rm_lib.split_model(pool.name, data.input_shape, data.num_classes,
+                                 int(fedre_digits.get_config().fedre.dim))
+      for j, cid in enumerate(np.asarray(pool.client_ids)):
+        params = jax.tree.map(lambda a: a[j], state.clients[p])
+        m = tr.mask[cid]
+        res = inversion.attack_client(
+            model.features, params, tr.x[cid][m], tr.y[cid][m], x_pub,
+            jax.random.fold_in(jax.random.PRNGKey(7), int(cid)), num_classes=data.num_classes,
+            forms=forms, decoder_steps=decoder_steps)
+        for f, s in res.items():
+          scores.setdefault(f, []).append(s)
+    return {f: {k: float(np.mean([s[k] for s in v])) for k in v[0]} for f, v in scores.items()}
+
+  if "fedre" in states_by_method:
+    out["fedre_extractor"] = attack("fedre", ("representations", "prototypes", "entangled",
+                                              "prior"))
+  own = {}
+  for method, form in (("fedallrep", "representations"), ("fedgh", "prototypes"),
+                       ("fedproto", "prototypes"), ("fedre", "entangled")):
+    if method in states_by_method:
+      own[method] = attack(method, (form,))[form]
+  out["own_extractor"] = own
+  return out
+
+
+def summarize_runs(runs):
+  table = {}
+  for r in runs:
+    h = r["history"]
+    t = table.setdefault((r["method"], r["partition"]), {"final": [], "best": [], "upload": [],
+                                                         "broadcast": []})
+    t["final"].append(h[-1]["test_accuracy"])
+    t["best"].append(max(x["test_accuracy"] for x in h))
+    t["upload"].append(np.mean([x.get("server/comm/upload_scalars", 0.0) for x in h]))
+    t["broadcast"].append(np.mean([x.get("server/comm/broadcast_scalars", 0.0) for x in h]))
+  return table
+
+
+def write_tables(table, shapes, inv, path, methods, partitions):
+  lines = ["| method | " + " | ".join(f"{p.upper()} final | {p.upper()} best" for p in partitions)
+           + " |", "|---" * (1 + 2 * len(partitions)) + "|"]
+  for m in methods:
+    cells = []
+    for p in partitions:
+      t = table[(m, p)]
+      cells += [f"{100 * np.mean(t['final']):.2f} ± {100 * np.std(t['final']):.2f}",
+                f"{100 * np.mean(t['best']):.2f} ± {100 * np.std(t['best']):.2f}"]
+    lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
+  lines += ["", "| method | upload / round (PRA, actual) | upload / round (PAT, actual) | "
+            "upload / round (dense shapes) | broadcast / round (actual, PRA) | "
+            "upload vs FedProto (PRA) |", "|---|---|---|---|---|---|"]
+  ref = np.mean(table[("fedproto", partitions[0])]["upload"]) if ("fedproto", partitions[0]) \
+      in table else None
+  for m in methods:
+    up = [np.mean(table[(m, p)]["upload"]) for p in partitions]
+    rel = f"{100 * up[0] / ref:.1f}%" if ref else "-"
+    lines.append(f"| {LABELS[m]} | {up[0]:.0f} | {up[-1]:.0f} | "
+                 f"{shapes[m]['upload_scalars']} | "
+                 f"{np.mean(table[(m, partitions[0])]['broadcast']):.0f} | {rel} |")
+  for key, res in inv.items():
+    lines += ["", f"Inversion ({key}):", "",
+              "| uploaded form | PSNR (dB) | MSE | best-match PSNR | best-match MSE |",
+              "|---|---|---|---|---|"]
+    for form, s in res.get("fedre_extractor", {}).items():
+      lines.append(f"| {form} (FedRE extractors) | {s['psnr']:.2f} | {s['mse']:.4f} | "
+                   f"{s['best_psnr']:.2f} | {s['best_mse']:.4f} |")
+    for m, s in res.get("own_extractor", {}).items():
+      lines.append(f"| {m}'s upload ({m} extractors) | {s['psnr']:.2f} | {s['mse']:.4f} | "
+                   f"{s['best_psnr']:.2f} | {s['best_mse']:.4f} |")
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  return "\n".join(lines)
+
+
+def plot(runs, table, shapes, inv, out, methods, partitions):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, len(partitions), figsize=(6 * len(partitions), 4), squeeze=False)
+  for ax, p in zip(axes[0], partitions):
+    for m in methods:
+      hs = [r["history"] for r in runs if r["method"] == m and r["partition"] == p]
+      rounds = [x["round"] for x in hs[0]]
+      acc = np.array([[x["test_accuracy"] for x in h] for h in hs])
+      ax.plot(rounds, acc.mean(0), label=LABELS[m])
+      ax.fill_between(rounds, acc.min(0), acc.max(0), alpha=0.15)
+    ax.set(xlabel="round", ylabel="test accuracy (clients' own splits)",
+           title=f"digits, {p.upper()}, 10 clients, {len(hs)} seeds (band = min..max)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(os.path.join(out, "fedre_digits_accuracy.png"), dpi=100)
+  plt.close(fig)
+
+  fig, ax = plt.subplots(figsize=(7, 4))
+  ms = [m for m in methods if m != "local_pools"]
+  up = [np.mean(table[(m, partitions[0])]["upload"]) for m in ms]
+  dense = [shapes[m]["upload_scalars"] for m in ms]
+  xs = np.arange(len(ms))
+  ax.bar(xs - 0.2, up, 0.4, label="actual (PRA, mean over rounds and seeds)")
+  ax.bar(xs + 0.2, dense, 0.4, label="dense array shapes (comm.round_comm)")
+  ax.set_yscale("log")
+  ax.set_xticks(xs, [LABELS[m] for m in ms])
+  ax.set(ylabel="scalars uploaded per round (10 clients)", title="upload per round (Local: 0)")
+  ax.legend()
+  ax.grid(alpha=0.3, axis="y")
+  fig.tight_layout()
+  fig.savefig(os.path.join(out, "fedre_digits_comm.png"), dpi=100)
+  plt.close(fig)
+
+  if inv:
+    fig, axes = plt.subplots(1, len(inv), figsize=(6 * len(inv), 4), squeeze=False)
+    for ax, (key, res) in zip(axes[0], inv.items()):
+      forms = list(res["fedre_extractor"])
+      ax.bar(np.arange(len(forms)) - 0.2, [res["fedre_extractor"][f]["psnr"] for f in forms], 0.4,
+             label="PSNR (weighted over contributing samples)")
+      ax.bar(np.arange(len(forms)) + 0.2,
+             [res["fedre_extractor"][f]["best_psnr"] for f in forms], 0.4,
+             label="best-match PSNR")
+      ax.set_xticks(np.arange(len(forms)), forms)
+      ax.set(ylabel="PSNR (dB), lower = more private", title=f"inversion, {key}")
+      ax.legend()
+      ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "fedre_digits_inversion.png"), dpi=100)
+    plt.close(fig)
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--out", default="docs/results")
+  ap.add_argument("--rounds", type=int, default=50)
+  ap.add_argument("--eval-every", type=int, default=10)
+  ap.add_argument("--seeds", default="0,1,2")
+  ap.add_argument("--partitions", default="pra,pat")
+  ap.add_argument("--methods", default=",".join(METHODS))
+  ap.add_argument("--decoder-steps", type=int, default=1500)
+  args = ap.parse_args()
+  seeds = [int(s) for s in args.seeds.split(",")]
+  partitions = args.partitions.split(",")
+  methods = args.methods.split(",")
+  os.makedirs(args.out, exist_ok=True)
+  mesh = make_mesh()
+  datasets = load_all(partitions, seeds)
+  inv_keys = [(p, seeds[0]) for p in partitions]
+  all_runs, shapes, states = [], {}, {}
+  t0 = time.perf_counter()
+  for m in methods:
+    tm = time.perf_counter()
+    runs, shapes[m], st = run_method(m, datasets, args.rounds, args.eval_every, mesh,
+                                     keep_states=inv_keys)
+    states[m] = st
+    all_runs += runs
+    print(f"{m}: {time.perf_counter() - tm:.0f}s", flush=True)
+  inv = {}
+  if args.decoder_steps > 0:
+    for key in inv_keys:
+      inv[f"{key[0].upper()} seed {key[1]}"] = inversion_eval(states, datasets, key,
+                                                             args.decoder_steps)
+  total = time.perf_counter() - t0
+  table = summarize_runs(all_runs)
+  md = write_tables(table, shapes, inv, os.path.join(args.out, "fedre_digits_tables.md"),
+                    methods, partitions)
+  print(md)
+  plot(all_runs, table, shapes, inv, args.out, methods, partitions)
+  with open(os.path.join(args.out, "fedre_digits_results.json"), "w") as f:
+    json.dump({"args": vars(args), "total_s": total, "runs": all_runs,
+               "comm_shapes": shapes, "inversion": inv}, f)
+  print(f"total {total:.0f}s")
+
+
+if __name__ == "__main__":
+  main()
