@@ -221,9 +221,22 @@ def load_sweep_file(path: str) -> dict:
   return sweep
 
 
-def load_config(spec: str):
-  """``file.py[:arg]`` -> its ``get_config(arg)``."""
+def load_config(spec: str, relative_to: Optional[str] = None):
+  """``file.py[:arg]`` (a path, or a shipped config name such as ``fedavg_digits``; a
+  relative path is also looked up next to ``relative_to``) -> its ``get_config(arg)``."""
+  from fedjax_sim.launch import configs
   path, _, arg = spec.partition(":")
+  if not os.path.exists(path):
+    for cand in ([os.path.join(relative_to, path)] if relative_to else []) + [
+        configs.path(path.removesuffix(".py"))]:
+      if os.path.exists(cand):
+        path = cand
+        break
+    else:
+      shipped = sorted(f[:-3] for f in os.listdir(configs.CONFIG_DIR)
+                       if f.endswith(".py") and f not in ("__init__.py", "base.py"))
+      raise FileNotFoundError(f"config {spec!r} not found (a path, or one of "
+                              f"{', '.join(shipped)})")
   modspec = importlib.util.spec_from_file_location("fedjax_sim_sweep_config", path)
   mod = importlib.util.module_from_spec(modspec)
   modspec.loader.exec_module(mod)
@@ -682,16 +695,21 @@ def main(flags_) -> int:
   grid: dict = {}
   seeds = None
   points = None
-  overrides = {}
   if flags_.sweep_file:
-    sweep = load_sweep_file(flags_.sweep_file)
-    if sweep.get("config") and not flags_["config"].present:
-      cfg = load_config(sweep["config"])
+    try:
+      sweep = load_sweep_file(flags_.sweep_file)
+      if sweep.get("config") and not flags_["config"].present:
+        cfg = load_config(sweep["config"], os.path.dirname(os.path.abspath(flags_.sweep_file)))
+      # the sweep file's overrides, then the command line's --config.<key> (which win)
+      from ml_collections import config_flags
+      cfg = apply_overrides(cfg, dict(sweep.get("overrides") or {}))
+      cfg = apply_overrides(cfg, config_flags.get_override_values(flags_["config"]))
+    except (FileNotFoundError, KeyError, ValueError) as err:
+      print(f"fedjax-sim sweep: error: {err}", file=sys.stderr)
+      return 2
     grid.update(sweep.get("grid") or {})
     seeds = sweep.get("seeds")
     points = sweep.get("points")
-    overrides = dict(sweep.get("overrides") or {})
-  grid.update(parse_grid(flags_.grid))
   if flags_.seeds:
     seeds = flags_.seeds
   if points and flags_.grid:
@@ -699,7 +717,8 @@ def main(flags_) -> int:
           file=sys.stderr)
     return 2
   try:
-    pts = make_points(cfg, grid, seeds, points, overrides)
+    grid.update(parse_grid(flags_.grid))
+    pts = make_points(cfg, grid, seeds, points)
   except (KeyError, ValueError) as err:
     print(f"fedjax-sim sweep: error: {err.args[0] if err.args else err}", file=sys.stderr)
     return 2
