@@ -66,8 +66,9 @@ def init_state(algorithm: FederatedAlgorithm, sampler: Optional[Sampler], num_cl
                seed: int, mesh: Optional[Mesh] = None) -> SimState:
   """Initial state: server from ``fold_in(key, 0)``, client i from ``fold_in(key1, i)``.
 
-  With ``mesh``, the state is placed replicated on it, exactly as the round
-  function returns it, so the first and later rounds share one executable.
+  The state is placed replicated on ``mesh`` (default: all local devices, as
+  :func:`make_round`'s default), exactly as the round function returns it, so
+  the first and later rounds share one executable.
   """
   key = jax.random.PRNGKey(seed)
   server = algorithm.init(jax.random.fold_in(key, 0))
@@ -80,7 +81,7 @@ def init_state(algorithm: FederatedAlgorithm, sampler: Optional[Sampler], num_cl
     clients = init_clients(algorithm.init_client, jnp.arange(num_clients))
     samplers = sampler.init()
   state = SimState(jnp.int32(0), server, clients, samplers)
-  return state if mesh is None else replicate(state, mesh)
+  return replicate(state, mesh or make_mesh())
 
 
 class CohortLayout(NamedTuple):
@@ -173,21 +174,32 @@ def make_round(algorithm: FederatedAlgorithm, sampler: Optional[Sampler] = None,
     plans, names = [plan(algorithm.client_update, None, sampler)], [""]
 
   def sharded_block(pl: _PoolPlan):
-    def client_block(bcast, cstate, cdata, rngs, infos):
-      """Runs on one device: [K_local, ...] -> chunks of vmapped clients."""
+    def client_block(bcast, data, cstate, rngs, infos, num_ex):
+      """Runs on one device: [K_local, ...] -> chunks of vmapped clients.
+
+      The device holds the whole (replicated) dataset and gathers each chunk's
+      rows inside the chunk loop, so memory scales with the chunk, not the cohort.
+      """
       vupdate = jax.vmap(pl.client_update, in_axes=(None, 0, 0, 0, 0))
+
+      def run_chunk(cstate, rngs, infos, num_ex):
+        cdata = jax.tree.map(lambda a: a[infos.client_id], data)
+        cdata = cdata._replace(num_examples=num_ex,
+                               mask=cdata.mask & infos.valid[:, None])
+        return vupdate(bcast, cstate, cdata, rngs, infos)
+
       k_local = infos.valid.shape[0]
       n_chunks = k_local // pl.layout.chunk
       if n_chunks == 1:
-        return vupdate(bcast, cstate, cdata, rngs, infos)
+        return run_chunk(cstate, rngs, infos, num_ex)
       split = lambda t: jax.tree.map(
           lambda a: a.reshape(n_chunks, pl.layout.chunk, *a.shape[1:]), t)
-      out = jax.lax.map(lambda args: vupdate(bcast, *args), split((cstate, cdata, rngs, infos)))
+      out = jax.lax.map(lambda args: run_chunk(*args), split((cstate, rngs, infos, num_ex)))
       return jax.tree.map(lambda a: a.reshape(k_local, *a.shape[2:]), out)
 
     return jax.shard_map(
         client_block, mesh=mesh,
-        in_specs=(P(), P(CLIENTS_AXIS), P(CLIENTS_AXIS), P(CLIENTS_AXIS), P(CLIENTS_AXIS)),
+        in_specs=(P(), P(), P(CLIENTS_AXIS), P(CLIENTS_AXIS), P(CLIENTS_AXIS), P(CLIENTS_AXIS)),
         out_specs=P(CLIENTS_AXIS), check_vma=False)
 
   blocks = [sharded_block(pl) for pl in plans]
@@ -207,12 +219,10 @@ def make_round(algorithm: FederatedAlgorithm, sampler: Optional[Sampler] = None,
     valid = (jnp.arange(lay.padded) < lay.cohort)[pl.slot_order]
     num_ex = jnp.where(valid, padded(n), 0)
 
-    cdata = jax.tree.map(lambda a: a[gids], data)._replace(num_examples=num_ex)
-    cdata = cdata._replace(mask=cdata.mask & valid[:, None])
     cstate = jax.tree.map(lambda a: a[local], pool_clients)
     rngs = jax.vmap(lambda i: jax.random.fold_in(k_clients, i))(gids)
     infos = ClientInfo(gids, jnp.broadcast_to(round_, gids.shape), valid)
-    uploads, new_cstate, cmetrics = block(bcast, cstate, cdata, rngs, infos)
+    uploads, new_cstate, cmetrics = block(bcast, data, cstate, rngs, infos, num_ex)
     num_pool = data.num_examples.shape[0] if pl.client_ids is None else pl.client_ids.shape[0]
     scatter = jnp.where(valid, local, num_pool)  # padding slots -> dropped
     pool_clients = jax.tree.map(lambda a, u: a.at[scatter].set(u, mode="drop"), pool_clients,
