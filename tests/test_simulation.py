@@ -144,7 +144,7 @@ ONE_VS_EIGHT = r"""
 import jax, numpy as np
 assert jax.device_count() == 8
 from fedjax_sim.launch.configs.base import get_base_config
-from fedjax_sim.round import init_state, make_mesh, make_round
+from fedjax_sim.round import init_state, make_mesh, make_round, replicate
 from fedjax_sim.simulation import build_experiment
 c = get_base_config(); c.data.num_clients = 20; c.clients_per_round = 5; c.model_kwargs.hidden = (32,)
 c.algorithm = "{alg}"
@@ -154,7 +154,7 @@ for n in (1, 8):
   mesh = make_mesh(n)
   state = init_state(exp.algorithm, exp.sampler, 20, 0, mesh)
   rf = make_round(exp.algorithm, exp.sampler, seed=0, mesh=mesh, rounds_per_call=2, chunk_size={chunk})
-  state, m = rf(state, exp.data.train)
+  state, m = rf(state, replicate(exp.data.train, mesh))
   out.append(state)
 for a, b in zip(jax.tree.leaves(out[0]), jax.tree.leaves(out[1])):
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
