@@ -197,12 +197,14 @@ def muscle_loss(anchor: jax.Array, others: jax.Array, tau_n: float = 0.2,
   maxima and a per-anchor renormalization after each contraction, with
   stop-gradient on the shifts, which cancel exactly).
 
-  Memory (float32 words, forward; reverse mode keeps the same residuals):
-  about 3 B^M (log alpha, alpha, the first contraction's [B^(M-1), B] output)
-  + M B^2 + (M + 1) B D; independent of D beyond the inputs. Compare
-  :func:`muscle_loss_dense`: B^(M+1) + B^M, and SPEC's S matrix B^M D more.
-  Time: O(M B^2 D + B^(M+1)) multiply-adds. B = 32, M = 4: ~1M words (4 MiB)
-  here vs 34M words (134 MiB) dense.
+  Memory (float32 words): O(B^M) + M B^2 + (M + 1) B D, independent of D
+  beyond the inputs: log alpha, alpha and the first contraction's
+  [B^(M-1), B] output are B^M each, and reverse mode keeps about one more.
+  Measured (XLA temp buffers of jitted value_and_grad, B = D = 32,
+  bench/muscle_cost.py): M = 3: 0.52 MiB, M = 4: 16 MiB (= 4 B^M words).
+  :func:`muscle_loss_dense` needs O(B^(M+1)) (logits and their gradient: 8 MiB
+  and 256 MiB = 2 B^(M+1) words), and SPEC's S matrix would add B^M D more.
+  Time: O(M B^2 D + B^(M+1)) multiply-adds.
 
   Args:
     anchor: float32 [B, D], the anchor model's L2-normalized representations of
