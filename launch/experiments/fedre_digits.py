@@ -70,10 +70,12 @@ def load_all(partitions, seeds, arg_extra=""):
   return out
 
 
-def run_method(method, datasets, rounds, eval_every, mesh, keep_states=()):
+def run_method(method, datasets, rounds, eval_every, mesh, keep_states=(), archs=None):
   """Trains ``method`` on every dataset with ONE compiled round; returns histories."""
   cfg = fedre_digits.get_config()
   cfg.algorithm = method
+  if archs:
+    cfg.archs = tuple(archs)
   any_data = next(iter(datasets.values()))
   spec = DataSpec(any_data.input_shape, any_data.num_classes, any_data.num_clients)
   alg = POOLED_ALGORITHMS[method](cfg, spec)
@@ -259,6 +261,8 @@ def main():
   ap.add_argument("--partitions", default="pra,pat")
   ap.add_argument("--methods", default=",".join(METHODS))
   ap.add_argument("--decoder-steps", type=int, default=1500)
+  ap.add_argument("--archs", default="", help="comma-separated MODEL_ZOO names (default: the "
+                  "config's 5)")
   args = ap.parse_args()
   seeds = [int(s) for s in args.seeds.split(",")]
   partitions = args.partitions.split(",")
@@ -272,7 +276,8 @@ def main():
   for m in methods:
     tm = time.perf_counter()
     runs, shapes[m], st = run_method(m, datasets, args.rounds, args.eval_every, mesh,
-                                     keep_states=inv_keys)
+                                     keep_states=inv_keys,
+                                     archs=args.archs.split(",") if args.archs else None)
     states[m] = st
     all_runs += runs
     print(f"{m}: {time.perf_counter() - tm:.0f}s", flush=True)
