@@ -25,6 +25,7 @@ match). Inputs are float32 [P or N, *input_shape]; z float32 [., D].
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
@@ -60,23 +61,26 @@ def train_decoder(z_pub: jax.Array, x_pub: jax.Array, rng: jax.Array, *, steps: 
   x = x_pub.reshape(x_pub.shape[0], -1)
   stats = (z_pub.mean(0), z_pub.std(0) + 1e-6)
   params = init_decoder(rng, z_pub.shape[1], x.shape[1], hidden)
+  params = _fit(params, z_pub, x, stats, jax.random.fold_in(rng, 1), steps=steps, lr=lr,
+                batch_size=batch_size)
+  return params, stats
+
+
+@functools.partial(jax.jit, static_argnames=("steps", "lr", "batch_size"))
+def _fit(params, z_pub, x, stats, rng, *, steps, lr, batch_size):
+  """Adam on MSE; one compiled program for every client with the same shapes."""
   opt = optax.adam(lr)
 
-  @jax.jit
-  def fit(params, rng):
-    def step(carry, k):
-      p, s = carry
-      idx = jax.random.randint(k, (batch_size,), 0, x.shape[0])
-      loss, g = jax.value_and_grad(
-          lambda p: jnp.mean((decode(p, z_pub[idx], stats) - x[idx]) ** 2))(p)
-      u, s = opt.update(g, s, p)
-      return (optax.apply_updates(p, u), s), loss
-    (params, _), losses = jax.lax.scan(step, (params, opt.init(params)),
-                                       jax.random.split(rng, steps))
-    return params, losses
+  def step(carry, k):
+    p, s = carry
+    idx = jax.random.randint(k, (batch_size,), 0, x.shape[0])
+    loss, g = jax.value_and_grad(
+        lambda p: jnp.mean((decode(p, z_pub[idx], stats) - x[idx]) ** 2))(p)
+    u, s = opt.update(g, s, p)
+    return (optax.apply_updates(p, u), s), loss
 
-  params, _ = fit(params, jax.random.fold_in(rng, 1))
-  return params, stats
+  (params, _), _ = jax.lax.scan(step, (params, opt.init(params)), jax.random.split(rng, steps))
+  return params
 
 
 def pair_scores(recon: np.ndarray, targets: np.ndarray, weights: np.ndarray) -> dict[str, float]:

@@ -181,3 +181,16 @@ def test_comm_accounting_from_shapes():
   assert c["upload_scalars_per_client"] == n_params and c["upload_scalars"] == 5 * n_params
   # FedAvg's broadcast is its whole server state (params + SGD state, which is empty).
   assert c["broadcast_scalars_per_client"] == n_params
+
+
+def test_inversion_pair_scores_weighted_and_best_match():
+  from fedjax_sim import inversion
+  recon = np.array([[0.0, 0.0], [1.0, 1.0]])
+  targets = np.array([[0.0, 0.1], [0.5, 0.5], [1.0, 1.0]])
+  w = np.array([[0.25, 0.75, 0.0], [0.0, 0.0, 1.0]])
+  s = inversion.pair_scores(recon, targets, w)
+  mse = np.array([[0.005, 0.25, 1.0], [0.905, 0.25, 0.0]])
+  psnr = 10 * np.log10(1 / np.maximum(mse, 1e-10))
+  np.testing.assert_allclose(s["mse"], np.mean([0.25 * 0.005 + 0.75 * 0.25, 0.0]))
+  np.testing.assert_allclose(s["psnr"], np.mean([0.25 * psnr[0, 0] + 0.75 * psnr[0, 1], 100.0]))
+  np.testing.assert_allclose(s["best_mse"], np.mean([0.005, 0.0]))
