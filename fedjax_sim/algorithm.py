@@ -206,6 +206,10 @@ def tree_weighted_mean(tree: PyTree, weights: jax.Array) -> PyTree:
 
 def client_optimizer(lr: float, momentum: float = 0.0, decay: float = 1.0,
                      round: Optional[jax.Array] = None) -> optax.GradientTransformation:
-  """Client SGD with an optional per-round exponential decay lr * decay**round."""
-  eta = lr if round is None or decay == 1.0 else lr * decay ** round.astype(jnp.float32)
-  return optax.sgd(eta, momentum=momentum or None)
+  """Client SGD with a per-round exponential decay lr * decay**round.
+
+  No Python branch on the values, so lr, momentum and decay may be traced
+  (vectorized sweeps vmap over them).
+  """
+  eta = lr if round is None else lr * decay ** jnp.asarray(round, jnp.float32)
+  return optax.sgd(eta, momentum=momentum)

@@ -1,0 +1,1 @@
+"""Example sweep files (`get_sweep()`), see docs/sweeps.md."""
