@@ -20,14 +20,19 @@ and the data arrays, re-padded to a common N; ``make_round``'s own seed is
 fixed at 0. So a (setting, alpha) cell compiles two round programs (the
 AlignUniform family and FedSimCLR) and one evaluation.
 
-Outputs under ``--out``: ``ssd_digits_results.json`` (every curve),
-``ssd_digits_table.md`` (final-round mean +- std over seeds) and the PNG plots.
+Outputs under ``--out``: ``ssd_digits_results.json`` (every curve; rewritten
+after each cell), ``ssd_digits_table.md`` (final-round mean +- std over seeds,
+and per-seed differences to FedAlignUniform) and the PNG plots. The report's
+grid ran as two processes (``--settings=silo`` and ``--settings=device``, each
+to its own ``--out``) merged with ``--from_json=a.json,b.json``; cells are
+independent, so this equals one ``--settings=silo,device`` run.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import sys
 import time
 from typing import Any
 
@@ -110,7 +115,7 @@ def run_cell(setting: str, alpha: float, seeds: list[int], methods: list[str],
   }
   features = lambda p, x: model.apply({"params": p}, x)
   aug_fn = lambda key, x: augment_batch(key, x, aug)
-  evals = {sd: make_repr_eval(features, datas[sd].train, test_x, test_y, num_classes=10,
+  evals = {sd: make_repr_eval(features, trains[sd], test_x, test_y, num_classes=10,
                               augment_fn=aug_fn, t=s.t, knn_k=s.knn_k, knn_t=s.knn_t,
                               probe_steps=s.probe_steps, pool_size=pool) for sd in seeds}
   eval_key = jax.random.PRNGKey(1234)
@@ -120,7 +125,7 @@ def run_cell(setting: str, alpha: float, seeds: list[int], methods: list[str],
   # Reference: raw pixels as features (the same metrics on x itself).
   raw = lambda p, x: (x.reshape(x.shape[0], -1), x.reshape(x.shape[0], -1))
   out["raw_pixels"] = {sd: make_repr_eval(
-      raw, datas[sd].train, test_x, test_y, num_classes=10, augment_fn=aug_fn, t=s.t,
+      raw, trains[sd], test_x, test_y, num_classes=10, augment_fn=aug_fn, t=s.t,
       knn_k=s.knn_k, knn_t=s.knn_t, probe_steps=s.probe_steps, pool_size=pool)(None, eval_key)
       for sd in seeds}
 
@@ -182,7 +187,34 @@ def summarize(cells: list[dict]) -> str:
         v = sign * np.array([f[key] for f in finals])
         cells_txt.append(f"{v.mean():.3f} ± {v.std():.3f}")
       lines.append(f"| {n} | " + " | ".join(cells_txt) + " |")
+  lines.append(_paired(cells))
   return "\n".join(lines) + "\n"
+
+
+def _paired(cells: list[dict]) -> str:
+  """Per-seed differences to FedAlignUniform (same seed = same partition and init)."""
+  cols = [("uniformity_global_enc", "Δ -L_unif global (enc)", -1),
+          ("uniformity_global_proj", "Δ -L_unif global (proj)", -1),
+          ("knn_accuracy", "Δ k-NN acc", 1), ("linear_probe_accuracy", "Δ linear-probe acc", 1)]
+  lines = ["\n**Paired differences to FedAlignUniform** (final round, per seed; mean ± std, "
+           "and how many seeds are > 0)\n",
+           "| setting | method | " + " | ".join(c[1] for c in cols) + " |",
+           "|---" * (len(cols) + 2) + "|"]
+  for cell in cells:
+    base = cell["runs"].get("FedAlignUniform")
+    if base is None:
+      continue
+    for name, runs in cell["runs"].items():
+      if name == "FedAlignUniform":
+        continue
+      txt = []
+      for key, _, sign in cols:
+        d = np.array([sign * (runs[sd]["curve"][-1][key] - base[sd]["curve"][-1][key])
+                      for sd in runs])
+        txt.append(f"{d.mean():+.3f} ± {d.std():.3f} ({int(np.sum(d > 0))}/{d.size})")
+      lines.append(f"| {cell['setting']} Dir({cell['alpha']}) | {name} | " + " | ".join(txt)
+                   + " |")
+  return "\n".join(lines)
 
 
 def plot(cells: list[dict], out_dir: str) -> list[str]:
@@ -237,21 +269,37 @@ def main(argv=None):
   p.add_argument("--alphas", default="0.1,0.5")
   p.add_argument("--methods", default=",".join(METHODS))
   p.add_argument("--rounds", type=int, default=0, help="override the config's rounds (0 = keep)")
+  p.add_argument("--from_json", default="", help="only re-make the table and plots from "
+                 "results JSONs (comma-separated, cells concatenated) of earlier runs")
   a = p.parse_args(argv)
   os.makedirs(a.out, exist_ok=True)
+  if a.from_json:
+    cells = []
+    for path in a.from_json.split(","):
+      with open(path) as f:
+        cells += json.load(f)["cells"]
+    table = summarize(cells)
+    with open(os.path.join(a.out, "ssd_digits_table.md"), "w") as f:
+      f.write(table)
+    plot(cells, a.out)
+    print(table)
+    return
   seeds = [int(x) for x in a.seeds.split(",")]
   methods = [m.strip() for m in a.methods.split(",")]
   for m in methods:
     if m not in METHODS:
       raise SystemExit(f"unknown method '{m}'; choose from {', '.join(METHODS)}.")
   t0 = time.time()
-  cells = [run_cell(st, float(al), seeds, methods, a.rounds or None)
-           for st in a.settings.split(",") for al in a.alphas.split(",")]
-  res = {"command": "python -m fedjax_sim.launch.experiments.ssd_digits " + " ".join(
-      argv if argv is not None else __import__("sys").argv[1:]), "wall_s": time.time() - t0,
-         "device": str(jax.devices()[0]), "cells": cells}
-  with open(os.path.join(a.out, "ssd_digits_results.json"), "w") as f:
-    json.dump(res, f)
+  command = "python -m fedjax_sim.launch.experiments.ssd_digits " + " ".join(
+      argv if argv is not None else sys.argv[1:])
+  cells = []
+  for st in a.settings.split(","):
+    for al in a.alphas.split(","):
+      cells.append(run_cell(st, float(al), seeds, methods, a.rounds or None))
+      res = {"command": command, "wall_s": time.time() - t0, "device": str(jax.devices()[0]),
+             "cells": cells}
+      with open(os.path.join(a.out, "ssd_digits_results.json"), "w") as f:
+        json.dump(res, f)  # after every cell, so an interrupted grid keeps what it finished
   table = summarize(cells)
   with open(os.path.join(a.out, "ssd_digits_table.md"), "w") as f:
     f.write(table)
