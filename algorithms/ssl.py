@@ -243,9 +243,21 @@ def fed_ssl(model: SSLModel, input_shape: Sequence[int], loss: SSLLoss, *, round
   def apply_fn(params, x):
     return model.apply({"params": params}, x, method=SSLModel.encode)
 
+  eval_cache = {}
+
+  def evaluate(server_state, client_states, data):
+    """Representation metrics of the global encoder (fedjax_sim.repr_metrics)."""
+    from fedjax_sim.repr_metrics import make_repr_eval
+    if "fn" not in eval_cache:  # built once per run (it closes over the data)
+      eval_cache["fn"] = make_repr_eval(
+          lambda p, x: model.apply({"params": p}, x), data.train, data.test_x, data.test_y,
+          num_classes=data.num_classes)
+    return eval_cache["fn"](server_state.params, jax.random.PRNGKey(0))
+
   return FederatedAlgorithm(
       name=name, init=init, init_client=lambda rng: (), client_update=client_update,
-      server_update=server_update, eval_params=lambda s, c: s.params, apply_fn=apply_fn)
+      server_update=server_update, eval_params=lambda s, c: s.params, apply_fn=apply_fn,
+      evaluate=evaluate)
 
 
 def alignuniform_objective(t: float = 2.0) -> SSLLoss:

@@ -87,6 +87,9 @@ class FederatedAlgorithm(NamedTuple):
     personalized: True when each client keeps its own model (local training,
       personalized FL); global test accuracy is then measured on the union of
       the clients' own test splits.
+    evaluate: optional ``(server_state, client_states, data: FederatedData)
+      -> dict[str, float]`` replacing the built-in classification evaluation
+      (e.g. representation metrics for self-supervised methods).
     pools: model pools (see :class:`Pool`); when non-empty, the top-level
       ``client_update``/``init_client``/``eval_params``/``apply_fn`` are unused
       (set them to None) and ``server_update`` receives tuples, one entry
@@ -102,6 +105,7 @@ class FederatedAlgorithm(NamedTuple):
   broadcast: Callable[[PyTree], PyTree] = lambda s: s
   personalized: bool = False
   pools: tuple = ()
+  evaluate: Optional[Callable[..., dict]] = None
 
 
 def masked_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:

@@ -12,6 +12,19 @@ def plot_history(history: list[dict], path: str, title: str = "") -> None:
   if not history:
     return
   rounds = [r["round"] for r in history]
+  if "test_accuracy" not in history[0]:  # an algorithm's own metrics: one panel each
+    keys = [k for k, v in history[0].items() if isinstance(v, float) and k not in (
+        "round", "wall_s")][:6]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+      ax.plot(rounds, [r.get(k, float("nan")) for r in history])
+      ax.set(xlabel="round", title=k)
+      ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return
   fig, axes = plt.subplots(1, 3, figsize=(15, 4))
   axes[0].plot(rounds, [r["test_accuracy"] for r in history], label="global test accuracy")
   if "client_acc_mean" in history[0]:

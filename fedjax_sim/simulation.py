@@ -176,8 +176,11 @@ def train_and_evaluate(cfg, workdir: str, resume: bool = False,
   num_test = int(data.test_y.shape[0])
 
   def do_eval(state, round_metrics, wall):
-    raw = evaluate(state.server, state.clients, data.test, data.test_x, data.test_y)
-    row = {"round": int(state.round), **evaluation.summarize(raw, num_test)}
+    if exp.algorithm.evaluate is not None:  # the algorithm's own metrics (e.g. SSL)
+      row = {"round": int(state.round), **exp.algorithm.evaluate(state.server, state.clients, data)}
+    else:
+      raw = evaluate(state.server, state.clients, data.test, data.test_x, data.test_y)
+      row = {"round": int(state.round), **evaluation.summarize(raw, num_test)}
     row.update({f"train_{k}" if not k.startswith(("server/", "padding", "useful")) else k:
                 float(np.mean(v)) for k, v in round_metrics.items()})
     row["wall_s"] = wall
@@ -210,7 +213,9 @@ def train_and_evaluate(cfg, workdir: str, resume: bool = False,
         ckpt.save(r, state)
       if r % cfg.eval_every == 0 or r == cfg.rounds:
         row = do_eval(state, metrics, time.time() - t0)
-        progress.set_postfix(acc=f"{row['test_accuracy']:.3f}", loss=f"{row.get('train_loss', 0):.3f}")
+        if "test_accuracy" in row:
+          progress.set_postfix(acc=f"{row['test_accuracy']:.3f}",
+                               loss=f"{row.get('train_loss', 0):.3f}")
       progress.update(rpc)
   finally:
     progress.close()

@@ -41,9 +41,11 @@ def format_summary(row: dict, cfg, workdir: str) -> str:
   lines = [f"{cfg.algorithm} on {cfg.data.dataset}: {cfg.data.num_clients} clients, "
            f"{cfg.data.partition} (alpha={cfg.data.alpha}), {cfg.clients_per_round} per round, "
            f"{row.get('round', 0)} rounds", "-" * 44]
-  for k, label in keys:
-    if k in row:
-      lines.append(f"{label:<30}{row[k]:>14.4f}")
+  shown = [(k, label) for k, label in keys if k in row]
+  if "test_accuracy" not in row:  # an algorithm with its own evaluation: show its metrics
+    shown = [(k, k) for k, v in row.items() if isinstance(v, float) and k != "wall_s"]
+  for k, label in shown:
+    lines.append(f"{label:<30}{row[k]:>14.4f}")
   lines += ["-" * 44, f"run directory: {workdir} (metrics.jsonl, plots.png, checkpoints/)"]
   return "\n".join(lines)
 

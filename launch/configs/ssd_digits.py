@@ -16,11 +16,10 @@ representation (uniformity, alignment, k-NN and linear-probe accuracy)::
 
   python -m fedjax_sim.launch.experiments.ssd_digits --out=docs/results
 
-``fedjax-sim run --config=launch/configs/ssd_digits.py`` also trains (and
-checkpoints) these methods, but its built-in evaluation is the
-classification one: it argmaxes the ENCODER features as if they were logits,
-so its ``test_accuracy`` / ``test_loss`` are meaningless for SSL. Use the
-experiment script (or :mod:`fedjax_sim.repr_metrics`) for numbers.
+``fedjax-sim run --config=launch/configs/ssd_digits.py`` trains, checkpoints and
+evaluates these methods with their own representation metrics (the algorithm's
+``evaluate`` hook: k-NN and linear-probe accuracy, global/local/test
+uniformity), logged to ``metrics.jsonl`` and printed at the end.
 """
 import ml_collections
 
