@@ -62,6 +62,14 @@ POOLED_ALGORITHMS: dict[str, Callable[..., FederatedAlgorithm]] = {
 }
 
 
+def _register_codist():  # CODIST (arXiv 2310.02549); builder in algorithms/codist.py
+  from fedjax_sim.algorithms.codist import build_codist
+  POOLED_ALGORITHMS["codist"] = build_codist
+
+
+_register_codist()
+
+
 def _register_hetero():  # FedRE and its baselines; builders live in their modules
   from fedjax_sim.algorithms.fedre import build_fedre
   from fedjax_sim.algorithms.hetero_baselines import BUILDERS

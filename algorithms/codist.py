@@ -28,14 +28,21 @@ that summary. What the paper states and we follow:
   server examples drawn without replacement per step (all N_s when B_d >= N_s).
 * PERIODIC: in 0-based round r, FedAdam applies the FedAvg pseudo-gradient;
   then, only if ``r % p == 0``, both models are replaced by their s-step
-  distilled versions (``lax.cond`` inside the jitted server update).
+  distilled versions; FedAdam's moments are kept.
 * MERGED: every round, from the round-start server models theta (the ones
   the clients trained from), ``Delta_distill = theta - theta_after_s_steps``
   and the FedAdam input is ``(1 - alpha) Delta_FedAvg + alpha Delta_distill``.
   SPEC writes ``Delta_distill = theta_after - theta``; the engine's
   pseudo-gradients are ``theta - theta_client`` (a descent direction is
   SUBTRACTED by the optimizer), so we use the same sign for both terms.
-  alpha = 0 is two independent FedAdam runs, bit for bit (tested).
+  alpha = 0 is bit for bit this module's FedAdam-only mode, and equals two
+  independent FedAdam runs (``fedavg_per_pool``) bit for bit after round 0
+  and to ~1 ulp later (XLA fuses FedAdam differently in the two programs;
+  tested).
+* Both distillations run under ``lax.cond`` (MERGED before FedAdam, PERIODIC
+  after it), so a non-distilling round costs nothing; the mode and knobs are
+  runtime values in the server state (:class:`CodistKnobs`), so FedAvg,
+  PERIODIC and MERGED share one compiled round.
 * The server dataset: a held-out slice of the training split that no client
   ever holds (:func:`build_codist_data`); or, through the CLI, examples masked
   out of the clients' arrays (:func:`server_holdout_mask`).

@@ -1,0 +1,218 @@
+"""CODIST on digits: FedAvg vs PERIODIC vs MERGED for both models, and domain shift.
+
+Reproduces ``docs/results/codist_digits.md`` (arXiv 2310.02549; SPEC.md section
+"Knowledge codistillation"; rules marked [ours] in ``algorithms/codist.py``)::
+
+  python -m fedjax_sim.launch.experiments.codist_digits --out=docs/results
+
+Settings (knobs from ``launch/configs/codist_digits.py``):
+
+* ``capacity``: 50 clients, Dir(0.5) over the digits train split minus 250
+  held-out unlabeled server examples; small ``mlp_s`` on all clients (K = 10),
+  large ``mlp_l`` on clients 0-14 (30%, K = 5).
+* ``domain``: clients 0-14 (large pool) hold only digits 0-3, clients 15-49
+  (small pool, disjoint) only digits 4-7; digits 8-9 are held by no client.
+  Server sets: ``in`` = 250 unlabeled examples of digits 0-7, ``ood`` = 250 of
+  digits 8-9. Accuracy is reported on the global test set's digits 0-3 and 4-7.
+
+Methods: FedAvg (FedAdam, no distillation), PERIODIC (s = 50 every p = 10
+rounds), MERGED (s = 5 every round, alpha in {0.1, 0.3, 0.5}); seeds 0, 1, 2.
+A seed changes the client partition, the model init and the distillation
+batches; ``make_round``'s own seed (cohort draws by client id) stays 0, so all
+runs of a setting share one compiled round (mode and knobs live in the server
+state). Outputs under ``--out``: ``codist_digits_results.json`` (every curve),
+``codist_digits_table.md`` and the PNG plots.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_sim.algorithms import server_optimizer
+from fedjax_sim.algorithms.codist import build_codist_data, codist, make_knobs, make_predict
+from fedjax_sim.algorithms.pooled import DataSpec
+from fedjax_sim.client_data import ClientData
+from fedjax_sim.launch.configs.codist_digits import get_config
+from fedjax_sim.round import init_state, make_mesh, make_round, replicate
+
+CAPACITY_METHODS = {  # name -> (mode, knob overrides)
+    "FedAvg": ("fedavg", {}),
+    "PERIODIC": ("periodic", {"steps": 50}),
+    "MERGED a=0.1": ("merged", {"alpha": 0.1}),
+    "MERGED a=0.3": ("merged", {"alpha": 0.3}),
+    "MERGED a=0.5": ("merged", {"alpha": 0.5}),
+}
+DOMAIN_METHODS = {  # name -> (mode, knob overrides, server set)
+    "FedAvg": ("fedavg", {}, "in"),
+    "PERIODIC (in-domain data)": ("periodic", {"steps": 50}, "in"),
+    "MERGED (in-domain data)": ("merged", {}, "in"),
+    "PERIODIC (OOD data 8-9)": ("periodic", {"steps": 50}, "ood"),
+    "MERGED (OOD data 8-9)": ("merged", {}, "ood"),
+    # Ten times the distillation lr (stronger teachers; not tuned further).
+    "PERIODIC (in-domain, lr 1e-3)": ("periodic", {"steps": 50, "lr": 1e-3}, "in"),
+    "MERGED (in-domain, lr 1e-3)": ("merged", {"lr": 1e-3}, "in"),
+}
+
+
+def repad(data: ClientData, n: int) -> ClientData:
+  """Pads every client's rows to N = n (host-side); padded rows are inert (mask False)."""
+  extra = n - data.y.shape[1]
+  pad = lambda a: np.pad(np.asarray(a), [(0, 0), (0, extra)] + [(0, 0)] * (a.ndim - 2))
+  return ClientData(jnp.asarray(pad(data.x)), jnp.asarray(pad(data.y)),
+                    jnp.asarray(pad(data.mask)), data.num_examples)
+
+
+def run_setting(setting: str, seeds, rounds: int, methods: dict) -> dict:
+  cfg = get_config("domain_shift" if setting == "domain" else "merged")
+  c = cfg.codist
+  domain = setting == "domain"
+  datas = {s: build_codist_data(
+      num_clients=cfg.data.num_clients, large_fraction=c.large_fraction,
+      server_size=c.server_size, partition=cfg.data.partition, alpha=cfg.data.alpha,
+      domain_classes=c.domain_classes if domain else None,
+      ood_classes=c.ood_classes if domain else None, batch_size=cfg.batch_size, seed=s,
+      server_seed=c.server_seed) for s in seeds}
+  d0 = datas[seeds[0]]
+  spec = DataSpec(d0.fed.input_shape, d0.fed.num_classes, d0.fed.num_clients)
+  mesh = make_mesh(1)
+  n_max = max(d.fed.train.y.shape[1] for d in datas.values())
+  trains = {s: replicate(repad(d.fed.train, n_max), mesh) for s, d in datas.items()}
+  alg = codist(c.small_arch, c.large_arch, spec, large_ids=d0.large_ids,
+               small_ids=d0.small_ids, server_x=d0.server_sets["in"], mode="fedavg",
+               distill_batch=c.distill_batch, k_small=cfg.clients_per_round, k_large=c.k_large,
+               server_opt=server_optimizer("adam", cfg.server_lr, cfg.server_b1, cfg.server_b2,
+                                           cfg.server_tau),
+               client_lr=cfg.client_lr, batch_size=cfg.batch_size, epochs=cfg.local_epochs)
+  for d in datas.values():  # pools are fixed ids: every seed must agree
+    assert np.array_equal(d.large_ids, d0.large_ids) and np.array_equal(d.small_ids, d0.small_ids)
+  every = 1  # evaluate every round (cheap), so PERIODIC's post-distillation spikes show
+  round_fn = make_round(alg, seed=0, mesh=mesh, rounds_per_call=every, donate=True)
+  predict = make_predict(alg)
+  test_x, test_y = d0.fed.test_x, np.asarray(d0.fed.test_y)
+  subsets = {"all": np.ones_like(test_y, bool)}
+  if domain:
+    subsets = {"A(0-3)": np.isin(test_y, c.domain_classes[0]),
+               "B(4-7)": np.isin(test_y, c.domain_classes[1])}
+  out = {"setting": setting, "rounds": rounds, "seeds": list(seeds), "runs": {},
+         "server_idx": {k: v.tolist() for k, v in d0.server_idx.items()},
+         "large_ids": d0.large_ids.tolist(), "small_ids": d0.small_ids.tolist()}
+  for name, spec_m in methods.items():
+    mode, over, server = (spec_m + ("in",))[:3]
+    for s in seeds:
+      t0 = time.time()
+      knobs = dict(alpha=c.alpha, period=c.period, steps=c.distill_steps, lr=c.distill_lr,
+                   temperature=c.temperature, salt=s)
+      knobs.update(over)
+      state = init_state(alg, None, spec.num_clients, seed=s)
+      state = state._replace(server=state.server._replace(
+          knobs=make_knobs(mode, **knobs), server_x=jnp.asarray(datas[s].server_sets[server])))
+      state = replicate(state, mesh)
+      curve = []
+
+      def evaluate(r):
+        ps, pl = (np.asarray(p) for p in predict(state.server, test_x))
+        row = {"round": r}
+        for model, pred in (("small", ps), ("large", pl)):
+          for sub, m in subsets.items():
+            row[f"{model}/{sub}"] = float(np.mean(pred[m] == test_y[m]))
+        curve.append(row)
+
+      evaluate(0)
+      for r in range(every, rounds + 1, every):
+        state, metrics = round_fn(state, trains[s])
+        evaluate(r)
+      kl = {k: float(np.mean(v)) for k, v in jax.device_get(metrics).items() if "distill/kl" in k}
+      out["runs"].setdefault(name, {})[str(s)] = {"curve": curve, "last_kl": kl}
+      print(f"{setting} {name} seed {s}: {curve[-1]} ({time.time() - t0:.1f}s)", flush=True)
+  return out
+
+
+def _final(run, key, last=1):
+  """Mean over the last ``last`` evaluations of one run."""
+  return float(np.mean([row[key] for row in run["curve"][-last:]]))
+
+
+def table(res: dict, keys, peak_keys=()) -> list[str]:
+  """Final-round accuracy (%) mean ± std over seeds; ``peak_keys`` also get the
+  best accuracy over rounds 1..R (mean over seeds of each run's maximum)."""
+  seeds = res["seeds"]
+  cols = list(keys) + [f"peak {k}" for k in peak_keys]
+  lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+  for name, runs in res["runs"].items():
+    cells = []
+    for k in keys:
+      v = np.array([_final(runs[str(s)], k) for s in seeds]) * 100
+      cells.append(f"{v.mean():.1f} ± {v.std():.1f}")
+    for k in peak_keys:
+      v = np.array([max(r[k] for r in runs[str(s)]["curve"] if r["round"] > 0)
+                    for s in seeds]) * 100
+      cells.append(f"{v.mean():.1f} ± {v.std():.1f}")
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  return lines
+
+
+def plot(res: dict, keys, path: str, title: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6), squeeze=False)
+  for ax, k in zip(axes[0], keys):
+    for name, runs in res["runs"].items():
+      curves = np.array([[row[k] for row in runs[str(s)]["curve"]] for s in res["seeds"]])
+      rounds = [row["round"] for row in runs[str(res["seeds"][0])]["curve"]]
+      m, sd = curves.mean(0) * 100, curves.std(0) * 100
+      ax.plot(rounds, m, label=name)
+      ax.fill_between(rounds, m - sd, m + sd, alpha=0.15)
+    ax.set_title(k)
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+  axes[0][0].legend(fontsize=7)
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--out", default="docs/results")
+  ap.add_argument("--rounds", type=int, default=100)
+  ap.add_argument("--seeds", default="0,1,2")
+  ap.add_argument("--settings", default="capacity,domain")
+  args = ap.parse_args()
+  seeds = [int(s) for s in args.seeds.split(",")]
+  os.makedirs(args.out, exist_ok=True)
+  results, lines = {}, []
+  t0 = time.time()
+  for setting in args.settings.split(","):
+    methods = CAPACITY_METHODS if setting == "capacity" else DOMAIN_METHODS
+    res = run_setting(setting, seeds, args.rounds, methods)
+    results[setting] = res
+    if setting == "capacity":
+      keys = ["small/all", "large/all"]
+      plot(res, keys, os.path.join(args.out, "codist_digits_capacity.png"),
+           "CODIST on digits, capacity pools (mean ± std over seeds)")
+    else:
+      keys = ["small/B(4-7)", "small/A(0-3)", "large/A(0-3)", "large/B(4-7)"]
+      plot(res, keys, os.path.join(args.out, "codist_digits_domain.png"),
+           "CODIST on digits, domain shift: small pool 4-7, large pool 0-3")
+    lines += [f"### {setting} (final round {args.rounds}, mean ± std over seeds {seeds})", ""]
+    peak = [k for k in keys if k in ("small/A(0-3)", "large/B(4-7)")]
+    lines += table(res, keys, peak) + [""]
+  lines.append(f"total wall time {time.time() - t0:.0f} s")
+  with open(os.path.join(args.out, "codist_digits_results.json"), "w") as f:
+    json.dump(results, f)
+  with open(os.path.join(args.out, "codist_digits_table.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  print("\n".join(lines))
+
+
+if __name__ == "__main__":
+  main()
