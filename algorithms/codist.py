@@ -279,7 +279,7 @@ def codist(small_arch: str, large_arch: str, spec: DataSpec, *, large_ids: Seque
   pools = tuple(
       Pool(name=arch, client_ids=ids, clients_per_round=k, client_update=pool_update(alg, p),
            init_client=alg.init_client, eval_params=lambda s, c, p=p: s[p].params,
-           apply_fn=fns[p][0])
+           apply_fn=fns[p][0], global_model=True)
       for p, (arch, ids, k, alg) in enumerate(zip(archs, (small_ids, large_ids),
                                                   (k_small, k_large), algs)))
 

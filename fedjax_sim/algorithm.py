@@ -54,6 +54,9 @@ class Pool(NamedTuple):
       engine stacks it to [C_p, ...] (``SimState.clients[p]``).
     eval_params: ``(server_state, client_state) -> params`` for this pool.
     apply_fn: ``(params, x [B, ...]) -> logits`` of this pool's model.
+    global_model: True when the pool's model is one global model (its
+      ``eval_params`` ignores the client state): it is then also evaluated on
+      the global test set (``<pool>/global_test_accuracy``).
   """
   name: str
   client_ids: Any
@@ -62,6 +65,7 @@ class Pool(NamedTuple):
   init_client: Callable[[jax.Array], PyTree]
   eval_params: Callable[[PyTree, PyTree], PyTree]
   apply_fn: Callable[[PyTree, jax.Array], jax.Array]
+  global_model: bool = False
 
 
 class FederatedAlgorithm(NamedTuple):

@@ -35,7 +35,7 @@ def make_evaluate(algorithm: FederatedAlgorithm, *, batch_size: int = 512, clien
     return jax.lax.map(lambda a: per_client(server_state, *a), (client_states, x, y, mask),
                        batch_size=min(client_chunk, y.shape[0]))
 
-  def global_test(params, test_x, test_y):
+  def global_test(params, test_x, test_y, apply_fn=apply_fn):
     n = test_y.shape[0]
     nb = -(-n // batch_size)
     pad = nb * batch_size - n
@@ -62,6 +62,10 @@ def make_evaluate(algorithm: FederatedAlgorithm, *, batch_size: int = 512, clien
             per_client_fn(pool.eval_params, pool.apply_fn), server_state, cs, test.x[ids],
             test.y[ids], test.mask[ids])
         out[f"{pool.name}/client_correct"], out[f"{pool.name}/client_count"] = correct, count
+        if pool.global_model:
+          params = pool.eval_params(server_state, None)
+          out[f"{pool.name}/global_test_correct"], _ = global_test(
+              params, test_x, test_y, pool.apply_fn)
         corrects.append(correct)
         counts.append(count)
       out["client_correct"] = jnp.concatenate(corrects)
@@ -93,6 +97,8 @@ def summarize(raw: dict[str, Any], num_test: int) -> dict[str, float]:
     c, n = raw.pop(f"{name}/client_correct"), raw.pop(f"{name}/client_count")
     extra[f"{name}/test_accuracy"] = float(c.sum() / max(n.sum(), 1))
     extra[f"{name}/client_acc_mean"] = float(np.mean(c[n > 0] / n[n > 0]))
+    if f"{name}/global_test_correct" in raw:
+      extra[f"{name}/global_test_accuracy"] = float(raw.pop(f"{name}/global_test_correct")) / num_test
   count = raw["client_count"]
   has = count > 0
   acc = raw["client_correct"][has] / count[has]

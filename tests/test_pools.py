@@ -44,4 +44,10 @@ def test_three_pool_round_equals_each_pool_alone(small_config):
   raw = make_evaluate(alg3)(out3.server, out3.clients, data.test, data.test_x, data.test_y)
   summary = summarize(raw, len(data.test_y))
   assert all(f"{a}/test_accuracy" in summary for a in ARCHS)
+  # Each pool's global model is also scored on the global test set, and it agrees with a
+  # direct computation.
+  for p, arch in enumerate(ARCHS):
+    logits = alg3.pools[p].apply_fn(out3.server[p].params, data.test_x)
+    direct = float(np.mean(np.argmax(np.asarray(logits), -1) == np.asarray(data.test_y)))
+    assert abs(summary[f"{arch}/global_test_accuracy"] - direct) < 1e-6
   assert 0.0 <= summary["test_accuracy"] <= 1.0
