@@ -39,9 +39,29 @@ def assign_round_robin(num_clients: int, num_pools: int) -> list[np.ndarray]:
 
 
 def pool_cohort_sizes(pool_sizes: Sequence[int], clients_per_round: int) -> list[int]:
-  """Splits K over pools proportionally to their sizes (each >= 1, <= its size)."""
+  """Splits K over pools proportionally to their sizes (largest remainder).
+
+  Every pool gets at least 1 and at most its size; the total is K whenever
+  ``len(pools) <= K <= sum(sizes)``.
+
+  Raises:
+    ValueError: K smaller than the number of pools or larger than all clients.
+  """
   total = sum(pool_sizes)
-  ks = [max(1, min(n, round(clients_per_round * n / total))) for n in pool_sizes]
+  if not len(pool_sizes) <= clients_per_round <= total:
+    raise ValueError(f"clients_per_round={clients_per_round} must be between the number of "
+                     f"pools ({len(pool_sizes)}) and the number of clients ({total}).")
+  share = [clients_per_round * n / total for n in pool_sizes]
+  ks = [min(n, max(1, int(q))) for n, q in zip(pool_sizes, share)]
+  # Hand out (or take back) the difference one client at a time, largest remainder first.
+  order = sorted(range(len(ks)), key=lambda i: share[i] - ks[i], reverse=True)
+  step = 1 if sum(ks) < clients_per_round else -1
+  turn = 0
+  while sum(ks) != clients_per_round:
+    i = (order if step > 0 else order[::-1])[turn % len(ks)]
+    if (step > 0 and ks[i] < pool_sizes[i]) or (step < 0 and ks[i] > 1):
+      ks[i] += step
+    turn += 1
   return ks
 
 

@@ -172,6 +172,9 @@ def train_and_evaluate(cfg, workdir: str, resume: bool = False,
   round_fn = make_round(exp.algorithm, exp.sampler, seed=cfg.seed, mesh=mesh,
                         chunk_size=cfg.chunk_size or None, rounds_per_call=rpc)
   evaluate = evaluation.make_evaluate(exp.algorithm)
+  from fedjax_sim import comm
+  comm_counts = comm.round_comm(exp.algorithm, exp.data.train,
+                                None if exp.algorithm.pools else exp.sampler.clients_per_round)
   data = exp.data
   num_test = int(data.test_y.shape[0])
 
@@ -183,6 +186,7 @@ def train_and_evaluate(cfg, workdir: str, resume: bool = False,
       row = {"round": int(state.round), **evaluation.summarize(raw, num_test)}
     row.update({f"train_{k}" if not k.startswith(("server/", "padding", "useful")) else k:
                 float(np.mean(v)) for k, v in round_metrics.items()})
+    row.update(comm.comm_row(comm_counts, int(state.round)))
     row["wall_s"] = wall
     if main_process:
       with open(metrics_path, "a") as f:

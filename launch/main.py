@@ -37,7 +37,10 @@ def format_summary(row: dict, cfg, workdir: str) -> str:
           ("client_acc_mean", "client accuracy mean"), ("client_acc_std", "client accuracy std"),
           ("client_acc_worst10", "client accuracy worst 10%"), ("jain_index", "Jain's index"),
           ("d_cosine", "D_Cosine (rad)"), ("d_manhattan", "D_Manhattan (pp)"),
-          ("padding_efficiency", "padding efficiency"), ("train_time_s", "training time (s)")]
+          ("padding_efficiency", "padding efficiency"),
+          ("comm/upload_scalars_per_round", "uploaded scalars / round"),
+          ("comm/broadcast_scalars_per_round", "broadcast scalars / round"),
+          ("train_time_s", "training time (s)")]
   lines = [f"{cfg.algorithm} on {cfg.data.dataset}: {cfg.data.num_clients} clients, "
            f"{cfg.data.partition} (alpha={cfg.data.alpha}), {cfg.clients_per_round} per round, "
            f"{row.get('round', 0)} rounds", "-" * 44]

@@ -324,6 +324,13 @@ def run_group(cfgs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str]
       f.write(c.to_json_best_effort(indent=2))
     open(os.path.join(w, "metrics.jsonl"), "w").close()
 
+  # Communication counts depend only on shapes, so the first point's algorithm gives
+  # every point's (as in a single run's metrics rows).
+  from fedjax_sim import comm
+  alg0, smp0 = point({k: v[0] for k, v in hp.items()})
+  comm_counts = comm.round_comm(alg0, d0.train,
+                                None if alg0.pools else smp0.clients_per_round)
+
   def do_eval(state, round_metrics, wall, r):
     raw = jax.device_get(veval(state, data, hp))
     for g in range(g_count):
@@ -332,6 +339,7 @@ def run_group(cfgs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str]
       row = {"round": r, **evaluation.summarize(jax.tree.map(lambda a: a[g], raw), num_test)}
       row.update({f"train_{k}" if not k.startswith(("server/", "padding", "useful")) else k:
                   float(np.mean(v[g])) for k, v in round_metrics.items()})
+      row.update(comm.comm_row(comm_counts, r))
       row["wall_s"] = wall
       with open(os.path.join(workdirs[g], "metrics.jsonl"), "a") as f:
         f.write(json.dumps(row) + "\n")

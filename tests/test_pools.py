@@ -51,3 +51,14 @@ def test_three_pool_round_equals_each_pool_alone(small_config):
     direct = float(np.mean(np.argmax(np.asarray(logits), -1) == np.asarray(data.test_y)))
     assert abs(summary[f"{arch}/global_test_accuracy"] - direct) < 1e-6
   assert 0.0 <= summary["test_accuracy"] <= 1.0
+
+
+def test_pool_cohort_sizes_sum_to_k():
+  from fedjax_sim.algorithms.pooled import pool_cohort_sizes
+  import pytest
+  for sizes, k in [([3, 3], 3), ([34, 33, 33], 20), ([5, 5, 5], 6), ([50, 15], 20),
+                   ([1, 1, 98], 5), ([10], 10)]:
+    ks = pool_cohort_sizes(sizes, k)
+    assert sum(ks) == k and all(1 <= a <= n for a, n in zip(ks, sizes)), (sizes, k, ks)
+  with pytest.raises(ValueError, match="clients_per_round"):
+    pool_cohort_sizes([3, 3, 3], 2)
