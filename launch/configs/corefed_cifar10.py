@@ -12,22 +12,11 @@ parameters = 0.7 GB float32 for this CNN.
 Ablations: ``--config.algorithm=refed|cofed|fedavg|qffl``; official-code
 behaviour: ``--config.corefed.reference_code=True``. ``:smoke``: 4 rounds.
 """
-from fedjax_sim.launch.configs.base import get_base_config
-import ml_collections
+from fedjax_sim.launch.configs import fedavg_cifar10
 
 
 def get_config(arg: str = ""):
-  c = get_base_config()
+  c = fedavg_cifar10.get_config(arg)  # the paper's data/model/optimizer setup
   c.algorithm = "corefed"
-  c.data.dataset = "tfds:cifar10"
   c.sampler = "availability"
-  c.model = "cnn"
-  c.model_kwargs = ml_collections.ConfigDict({"features": (64, 64), "dense": (384, 192)})
-  c.batch_size = 50
-  c.client_lr = 0.1
-  c.lr_decay = 0.999
-  c.rounds = 1000
-  c.eval_every = 20
-  if arg == "smoke":
-    c.rounds, c.eval_every, c.rounds_per_call = 4, 2, 2
   return c

@@ -11,21 +11,11 @@ Needs the prepared TFDS dataset (see README, "TFDS datasets"):
 Ablations: ``--config.algorithm=refed|cofed|fedavg|qffl``; official-code
 behaviour: ``--config.corefed.reference_code=True``. ``:smoke``: 4 rounds.
 """
-from fedjax_sim.launch.configs.base import get_base_config
+from fedjax_sim.launch.configs import fedavg_fmnist
 
 
 def get_config(arg: str = ""):
-  c = get_base_config()
+  c = fedavg_fmnist.get_config(arg)  # the paper's data/model/optimizer setup
   c.algorithm = "corefed"
-  c.data.dataset = "tfds:fashion_mnist"
   c.sampler = "availability"
-  c.model = "mlp"
-  c.model_kwargs.hidden = (200, 200)
-  c.batch_size = 50
-  c.client_lr = 0.1
-  c.lr_decay = 0.999
-  c.rounds = 1000
-  c.eval_every = 20
-  if arg == "smoke":
-    c.rounds, c.eval_every, c.rounds_per_call = 4, 2, 2
   return c
