@@ -216,8 +216,10 @@ def client_optimizer(lr: float, momentum: float = 0.0, decay: float = 1.0,
                      round: Optional[jax.Array] = None) -> optax.GradientTransformation:
   """Client SGD with a per-round exponential decay lr * decay**round.
 
-  No Python branch on the values, so lr, momentum and decay may be traced
+  No Python branch on traced values, so lr, momentum and decay may be traced
   (vectorized sweeps vmap over them).
   """
   eta = lr if round is None else lr * decay ** jnp.asarray(round, jnp.float32)
+  if isinstance(momentum, (int, float)) and momentum == 0:
+    momentum = None  # a literal 0: plain SGD, no momentum buffer to carry per step
   return optax.sgd(eta, momentum=momentum)
