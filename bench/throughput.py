@@ -613,8 +613,9 @@ ANALYSIS = """## What this shows / what limits it
   heavy load it understates the machine and ``% peak`` overstates utilisation.
 * **Memory.** RSS is dominated by the resident dataset, the Python/JAX process
   and compiled programs; the XLA column shows the round's own working set,
-  which grows with the cohort because the whole cohort's data is gathered up
-  front ([K, N, ...]) before chunking."""
+  which grows with the cohort through the per-client outputs ([K, params] uploads)
+  and the cohort's state; each chunk gathers its own clients' data inside the
+  chunk loop, so the data part scales with the chunk, not the cohort."""
 
 
 if __name__ == "__main__":
