@@ -167,7 +167,8 @@ def corefed(apply_fn: Callable, init_params: Callable[[jax.Array], PyTree],
       the four switches).
     tau_c, beta, gamma, k: the paper's knobs.  lambda_c, lambda_d: loss weights.
     window: tau, the participation window in rounds (0 = max(1, C // K)).
-    max_age: oldest reusable stored update in rounds (-1 = tau - 1, at least 1).
+    max_age: oldest reusable stored update in rounds (-1 = tau - 1; 0 = no reuse;
+      must be <= tau - 1).
 
   Uploads: ``{"delta": w_t - w_i (params pytree), "z": float32 [D]}``.
   Server metrics: ``repr_disparity`` (mean (1 - rho_i) over the sampled
@@ -179,7 +180,13 @@ def corefed(apply_fn: Callable, init_params: Callable[[jax.Array], PyTree],
     raise ValueError("CoRe-Fed gradient reuse needs contribution-aware weights "
                      "(set corefed.contribution=True or corefed.reuse=False).")
   tau = window if window > 0 else max(1, num_clients // clients_per_round)
-  age_cap = max_age if max_age >= 0 else max(1, tau - 1)
+  # A reused update must lie inside the frequency window (f_i >= 1/tau); with
+  # tau = 1 nothing can be reused (its f_i would be 0 and its weight ~1e4).
+  age_cap = max_age if max_age >= 0 else tau - 1
+  if age_cap > tau - 1:
+    raise ValueError(f"CoRe-Fed max_age={max_age} exceeds the window tau - 1 = {tau - 1}: a "
+                     "reused update would have participation frequency 0; lower "
+                     "corefed.max_age or raise corefed.window.")
   C, D = num_clients, embed_dim
 
   def init(rng):

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from fedjax_sim.algorithm import (FederatedAlgorithm, client_optimizer, local_train,
@@ -25,6 +26,23 @@ from fedjax_sim.algorithm import (FederatedAlgorithm, client_optimizer, local_tr
 class ServerState(NamedTuple):
   params: Any  # the global model pytree
   opt_state: Any  # server optimizer state
+
+
+def scale_by_rss_outer_eps(tau: float) -> optax.GradientTransformation:
+  """FedAdagrad's preconditioner (Reddi et al., Algorithm 2): v += g^2, g / (sqrt(v) + tau).
+
+  optax.adagrad puts its epsilon inside the square root (g / sqrt(v + eps)),
+  which makes steps far smaller than the paper's for small pseudo-gradients.
+  """
+  def init(params):
+    return jax.tree.map(jnp.zeros_like, params)
+
+  def update(updates, v, params=None):
+    del params
+    v = jax.tree.map(lambda a, g: a + g * g, v, updates)
+    return jax.tree.map(lambda g, a: g / (jnp.sqrt(a) + tau), updates, v), v
+
+  return optax.GradientTransformation(init, update)
 
 
 def server_optimizer(name: str, lr: float, b1: float = 0.9, b2: float = 0.99,
@@ -37,7 +55,7 @@ def server_optimizer(name: str, lr: float, b1: float = 0.9, b2: float = 0.99,
   if name == "yogi":
     return optax.yogi(lr, b1=b1, b2=b2, eps=tau)
   if name == "adagrad":
-    return optax.adagrad(lr, initial_accumulator_value=0.0, eps=tau)
+    return optax.chain(scale_by_rss_outer_eps(tau), optax.scale(-lr))
   raise ValueError(f"Unknown server optimizer '{name}'; set --config.server_optimizer to one "
                    "of sgd, adam, yogi, adagrad.")
 

@@ -7,9 +7,10 @@ the linear term <c - c_i, y> to the loss). After S local steps with rate eta_l:
 
     c_i+ = c_i - c + (x - y_i) / (S eta_l)                     (option II)
     upload (Delta y_i, Delta c_i) = (y_i - x, c_i+ - c_i)
-    x <- x + eta_g mean_i Delta y_i,   c <- c + (|S| / N) mean_i Delta c_i
+    x <- x + eta_g mean_i Delta y_i,   c <- c + (1 / N) sum_{i in S} Delta c_i
 
-Means are example-weighted over the round's clients (weights, as FedAvg).
+The model mean is example-weighted over the round's clients (as FedAvg); the
+control update is the paper's uniform sum, so c stays the mean of the c_i.
 """
 from __future__ import annotations
 
@@ -30,12 +31,22 @@ class ServerState(NamedTuple):
 
 def scaffold(apply_fn: Callable, init_params: Callable, *, client_lr: float, batch_size: int,
              num_clients: int, epochs: int = 1, local_steps: int = 0,
-             server_lr: float = 1.0, **unused: Any) -> FederatedAlgorithm:
+             server_lr: float = 1.0, lr_decay: float = 1.0, client_momentum: float = 0.0,
+             ) -> FederatedAlgorithm:
   """SCAFFOLD (option II) with global step eta_g = ``server_lr``.
 
   Args:
-    num_clients: N, for the server control update's |S| / N factor.
+    num_clients: N, for the server control update c += (1/N) sum_{i in S} Delta c_i.
+    lr_decay: the round's local rate is eta_l = client_lr * lr_decay**round
+      (option II divides by that round's S * eta_l).
+    client_momentum: must be 0 (SCAFFOLD's local steps are plain SGD).
+
+  Raises:
+    ValueError: client_momentum != 0.
   """
+  if client_momentum:
+    raise ValueError(f"SCAFFOLD uses plain local SGD; client_momentum={client_momentum} must "
+                     "be 0 (set --config.client_momentum=0).")
   zeros = lambda rng: jax.tree.map(jnp.zeros_like, init_params(rng))
 
   def init(rng):
@@ -50,10 +61,11 @@ def scaffold(apply_fn: Callable, init_params: Callable, *, client_lr: float, bat
                                                    jax.tree.leaves(p)))
       return masked_cross_entropy(apply_fn(p, x), y, m) + linear
 
-    res = local_train(loss, server.params, optax.sgd(client_lr), data, rng, epochs=epochs,
+    eta_l = client_lr * lr_decay ** info.round.astype(jnp.float32)
+    res = local_train(loss, server.params, optax.sgd(eta_l), data, rng, epochs=epochs,
                       batch_size=batch_size, local_steps=local_steps)
     steps = jnp.maximum(res.metrics["steps"], 1.0)
-    c_new = jax.tree.map(lambda ci, c, x, y: ci - c + (x - y) / (steps * client_lr),
+    c_new = jax.tree.map(lambda ci, c, x, y: ci - c + (x - y) / (steps * eta_l),
                          c_i, server.control, server.params, res.params)
     # A client that took no steps (padding slot) keeps its control variate.
     c_new = jax.tree.map(lambda new, old: jnp.where(res.metrics["steps"] > 0, new, old),
@@ -65,10 +77,11 @@ def scaffold(apply_fn: Callable, init_params: Callable, *, client_lr: float, bat
   def server_update(server, uploads, weights, info, rng):
     delta_y, delta_c = uploads
     mean_dy = tree_weighted_mean(delta_y, weights)
-    mean_dc = tree_weighted_mean(delta_c, weights)
-    frac = jnp.sum(info.valid) / num_clients
+    # c += (1/N) sum over the round's clients (uniform, as Algorithm 1; padding excluded).
+    sum_dc = jax.tree.map(lambda d: jnp.tensordot(info.valid.astype(d.dtype), d, axes=1),
+                          delta_c)
     params = jax.tree.map(lambda x, d: x + server_lr * d, server.params, mean_dy)
-    control = jax.tree.map(lambda c, d: c + frac * d, server.control, mean_dc)
+    control = jax.tree.map(lambda c, d: c + d / num_clients, server.control, sum_dc)
     return ServerState(params, control), {"control_norm": optax.global_norm(control)}
 
   return FederatedAlgorithm(

@@ -112,6 +112,14 @@ def _finite(tree) -> bool:
   return all(np.all(np.isfinite(x)) for x in leaves)
 
 
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  """On device: True when every float in the pytree (server AND client state) is finite."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
 def _rounds_per_call(cfg) -> int:
   return math.gcd(cfg.rounds_per_call, cfg.eval_every, cfg.checkpoint_every, cfg.rounds)
 
@@ -169,6 +177,8 @@ def train_and_evaluate(cfg, workdir: str, resume: bool = False,
         f.write(json.dumps(r) + "\n")
 
   rpc = _rounds_per_call(cfg)
+  if resume:  # a checkpoint saved under another cadence: keep calls aligned to it
+    rpc = math.gcd(rpc, int(state.round)) or rpc
   round_fn = make_round(exp.algorithm, exp.sampler, seed=cfg.seed, mesh=mesh,
                         chunk_size=cfg.chunk_size or None, rounds_per_call=rpc)
   evaluate = evaluation.make_evaluate(exp.algorithm)
@@ -199,14 +209,17 @@ def train_and_evaluate(cfg, workdir: str, resume: bool = False,
   row = history[-1] if history else {}
   if not history:  # the initial model, so curves start at round 0
     row = do_eval(state, {}, 0.0)
+  pending: list[dict] = []  # per-call training metrics since the last evaluation
   try:
     while int(state.round) < cfg.rounds:
       tc = time.time()
       state, metrics = round_fn(state, data.train)
       metrics = jax.device_get(metrics)
+      pending.append(metrics)
       train_time += time.time() - tc
       r = int(state.round)
-      if not (_finite(metrics.get("loss", 0.0)) and _finite(state.server)):
+      if not (_finite(metrics.get("loss", 0.0)) and bool(_all_finite((state.server,
+                                                                        state.clients)))):
         bad = r - rpc + int(np.argmax(~np.isfinite(np.asarray(metrics.get("loss", [np.nan])))))
         raise DivergedError(
             f"training diverged: non-finite loss or model by round {bad + 1} (client_lr="
@@ -216,7 +229,11 @@ def train_and_evaluate(cfg, workdir: str, resume: bool = False,
       if r % cfg.checkpoint_every == 0 or r == cfg.rounds:
         ckpt.save(r, state)
       if r % cfg.eval_every == 0 or r == cfg.rounds:
-        row = do_eval(state, metrics, time.time() - t0)
+        # Training metrics averaged over every round since the last evaluation.
+        since = {k: np.concatenate([np.atleast_1d(m[k]) for m in pending if k in m])
+                 for k in pending[-1]}
+        pending.clear()
+        row = do_eval(state, since, time.time() - t0)
         if "test_accuracy" in row:
           progress.set_postfix(acc=f"{row['test_accuracy']:.3f}",
                                loss=f"{row.get('train_loss', 0):.3f}")

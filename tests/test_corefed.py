@@ -226,3 +226,14 @@ def test_corefed_end_to_end_jitted_finite_no_retrace(tiny):
   # State bookkeeping: the last round's cohort carries round 5; window tau = 12 // 4 = 3.
   assert int(np.sum(np.asarray(st.server.last_round) == 5)) == 4
   assert int(np.asarray(st.server.window).sum()) == 3 * 4
+
+
+def test_reuse_needs_a_window_longer_than_one_round():
+  """tau = 1 leaves no room for reuse (f_i would be 0, weight ~1e4); max_age > tau - 1 is refused."""
+  import pytest
+  from fedjax_sim.algorithms.corefed import corefed
+  kw = dict(apply_fn=lambda p, x: x, embed_fn=None, init_params=lambda r: {"w": jnp.zeros(2)},
+            num_clients=10, clients_per_round=6, embed_dim=2, client_lr=0.1, batch_size=2)
+  corefed(**kw)  # tau = 10 // 6 = 1 -> age cap 0: builds, reuses nothing
+  with pytest.raises(ValueError, match="max_age"):
+    corefed(**kw, max_age=1)
