@@ -58,6 +58,24 @@ def pack(xs: list[np.ndarray], ys: list[np.ndarray], multiple: int = 1) -> Clien
   return ClientData(x, y, mask, sizes)
 
 
+def pad_examples(data: ClientData, n: int) -> ClientData:
+  """Pads every client's example axis to N = n rows (mask False, so inert).
+
+  Used to give datasets of different partitions (seeds) one shape, so they
+  share one compiled round. Goes through host memory.
+
+  Raises:
+    ValueError: n is smaller than the current N.
+  """
+  extra = n - data.y.shape[1]
+  if extra < 0:
+    raise ValueError(f"cannot pad N={data.y.shape[1]} rows down to {n}.")
+  if extra == 0:
+    return data
+  pad = lambda a: jnp.asarray(np.pad(np.asarray(a), [(0, 0), (0, extra)] + [(0, 0)] * (a.ndim - 2)))
+  return ClientData(pad(data.x), pad(data.y), pad(data.mask), data.num_examples)
+
+
 def to_device(data: ClientData, sharding=None) -> ClientData:
   """Puts the whole client dataset on device once (replicated by default)."""
   return jax.tree.map(lambda a: jax.device_put(np.asarray(a), sharding), data)

@@ -46,9 +46,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from fedjax_sim.client_data import pad_examples
 from fedjax_sim import evaluation, models, sampling
 from fedjax_sim.checkpoint import Checkpointer
-from fedjax_sim.client_data import ClientData
 from fedjax_sim.round import init_state, make_mesh, make_round
 from fedjax_sim.simulation import validate_config
 
@@ -192,15 +192,6 @@ def _builder(cfg, spec):
                     sampling.build_sampler(c, spec["num_clients"]))
 
 
-def _pad_clients(d: ClientData, n: int) -> ClientData:
-  pad = n - d.y.shape[1]
-  if pad == 0:
-    return d
-  widths = lambda a: [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)
-  return ClientData(jnp.pad(d.x, widths(d.x)), jnp.pad(d.y, widths(d.y)),
-                    jnp.pad(d.mask, widths(d.mask)), d.num_examples)
-
-
 def _stack_data(datas: list, index: list[int]):
   """(train, test, test_x, test_y) with a leading G axis on the client data.
 
@@ -215,8 +206,8 @@ def _stack_data(datas: list, index: list[int]):
       raise NotVectorizable("the global test set depends on the seed for this dataset")
   n_tr = max(d.train.y.shape[1] for d in datas)
   n_te = max(d.test.y.shape[1] for d in datas)
-  trains = [_pad_clients(d.train, n_tr) for d in datas]
-  tests = [_pad_clients(d.test, n_te) for d in datas]
+  trains = [pad_examples(d.train, n_tr) for d in datas]
+  tests = [pad_examples(d.test, n_te) for d in datas]
   idx = jnp.asarray(index)
   stack = lambda ds: jax.tree.map(lambda *a: jnp.stack(a)[idx], *ds)
   return (stack(trains), stack(tests), d0.test_x, d0.test_y)

@@ -34,10 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_sim.client_data import pad_examples
 from fedjax_sim.algorithms import server_optimizer
 from fedjax_sim.algorithms.codist import build_codist_data, codist, make_knobs, make_predict
 from fedjax_sim.algorithms.pooled import DataSpec
-from fedjax_sim.client_data import ClientData
 from fedjax_sim.launch.configs.codist_digits import get_config
 from fedjax_sim.round import init_state, make_mesh, make_round, replicate
 
@@ -60,14 +60,6 @@ DOMAIN_METHODS = {  # name -> (mode, knob overrides, server set)
 }
 
 
-def repad(data: ClientData, n: int) -> ClientData:
-  """Pads every client's rows to N = n (host-side); padded rows are inert (mask False)."""
-  extra = n - data.y.shape[1]
-  pad = lambda a: np.pad(np.asarray(a), [(0, 0), (0, extra)] + [(0, 0)] * (a.ndim - 2))
-  return ClientData(jnp.asarray(pad(data.x)), jnp.asarray(pad(data.y)),
-                    jnp.asarray(pad(data.mask)), data.num_examples)
-
-
 def run_setting(setting: str, seeds, rounds: int, methods: dict) -> dict:
   cfg = get_config("domain_shift" if setting == "domain" else "merged")
   c = cfg.codist
@@ -82,7 +74,7 @@ def run_setting(setting: str, seeds, rounds: int, methods: dict) -> dict:
   spec = DataSpec(d0.fed.input_shape, d0.fed.num_classes, d0.fed.num_clients)
   mesh = make_mesh(1)
   n_max = max(d.fed.train.y.shape[1] for d in datas.values())
-  trains = {s: replicate(repad(d.fed.train, n_max), mesh) for s, d in datas.items()}
+  trains = {s: replicate(pad_examples(d.fed.train, n_max), mesh) for s, d in datas.items()}
   alg = codist(c.small_arch, c.large_arch, spec, large_ids=d0.large_ids,
                small_ids=d0.small_ids, server_x=d0.server_sets["in"], mode="fedavg",
                distill_batch=c.distill_batch, k_small=cfg.clients_per_round, k_large=c.k_large,

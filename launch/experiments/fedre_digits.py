@@ -33,10 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_sim.client_data import pad_examples
 from fedjax_sim import comm, evaluation, inversion
 from fedjax_sim.algorithms import POOLED_ALGORITHMS
 from fedjax_sim.algorithms.pooled import DataSpec
-from fedjax_sim.client_data import ClientData
 from fedjax_sim.data import build_federated_data
 from fedjax_sim.launch.configs import fedre_digits
 from fedjax_sim.round import init_state, make_mesh, make_round, replicate
@@ -44,14 +44,6 @@ from fedjax_sim.round import init_state, make_mesh, make_round, replicate
 METHODS = ("fedre", "fedproto", "fedgh", "local_pools", "fedallrep")
 LABELS = {"fedre": "FedRE (RAP)", "fedproto": "FedProto", "fedgh": "FedGH",
           "local_pools": "Local", "fedallrep": "FedAllRep", "lg_fedavg": "LG-FedAvg"}
-
-
-def pad_to(data: ClientData, n: int) -> ClientData:
-  """Pads the example axis of a ClientData to n rows (masked, inert)."""
-  pad = n - data.y.shape[1]
-  widths = lambda a: [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)
-  return ClientData(jnp.pad(data.x, widths(data.x)), jnp.pad(data.y, widths(data.y)),
-                    jnp.pad(data.mask, widths(data.mask)), data.num_examples)
 
 
 def load_all(partitions, seeds, arg_extra=""):
@@ -66,7 +58,7 @@ def load_all(partitions, seeds, arg_extra=""):
   n_tr = -(-n_tr // b) * b
   n_te = max(d.test.y.shape[1] for d in out.values())
   for d in out.values():
-    d.train, d.test = pad_to(d.train, n_tr), pad_to(d.test, n_te)
+    d.train, d.test = pad_examples(d.train, n_tr), pad_examples(d.test, n_te)
   return out
 
 

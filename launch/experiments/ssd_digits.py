@@ -40,10 +40,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_sim.client_data import pad_examples
 from fedjax_sim.algorithms.ssd import model_from_config, ssd
 from fedjax_sim.algorithms.ssl import fedsimclr
 from fedjax_sim.augment import AugmentConfig, augment_batch
-from fedjax_sim.client_data import ClientData
 from fedjax_sim.data import build_federated_data
 from fedjax_sim.launch.configs.ssd_digits import get_config
 from fedjax_sim.repr_metrics import make_repr_eval
@@ -78,14 +78,6 @@ def salted_uniform(num_clients: int, clients_per_round: int, salt: int) -> Sampl
   return Sampler(lambda: jnp.int32(salt), sample, num_clients, clients_per_round)
 
 
-def repad(data: ClientData, n: int) -> ClientData:
-  """Pads every client's rows to N = n (host-side); padded rows are inert (mask False)."""
-  extra = n - data.y.shape[1]
-  pad = lambda a: np.pad(np.asarray(a), [(0, 0), (0, extra)] + [(0, 0)] * (a.ndim - 2))
-  return ClientData(jnp.asarray(pad(data.x)), jnp.asarray(pad(data.y)),
-                    jnp.asarray(pad(data.mask)), data.num_examples)
-
-
 def run_cell(setting: str, alpha: float, seeds: list[int], methods: list[str],
              rounds: int | None) -> dict[str, Any]:
   """All methods and seeds of one (setting, alpha) cell; returns curves per method/seed."""
@@ -98,7 +90,7 @@ def run_cell(setting: str, alpha: float, seeds: list[int], methods: list[str],
   mesh = make_mesh(1)
   datas = {s: build_federated_data(cfg.data, batch_size=b, seed=s) for s in seeds}
   n_max = max(d.train.y.shape[1] for d in datas.values())
-  trains = {s: replicate(repad(d.train, n_max), mesh) for s, d in datas.items()}
+  trains = {s: replicate(pad_examples(d.train, n_max), mesh) for s, d in datas.items()}
   pool = max(int(np.sum(d.train.num_examples)) for d in datas.values())
   test_x, test_y = datas[seeds[0]].test_x, datas[seeds[0]].test_y  # same for every seed
 
