@@ -17,7 +17,6 @@ import json
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from fedjax_sim.algorithms import losses

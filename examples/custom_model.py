@@ -5,7 +5,6 @@
 import os
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from fedjax_sim import init_state, make_round

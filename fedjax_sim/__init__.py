@@ -8,3 +8,10 @@ from fedjax_sim.round import SimState, init_state, make_mesh, make_round
 from fedjax_sim.sampling import Sampler, uniform
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "AlgorithmError", "CheckpointError", "ClientData", "ClientInfo", "ConfigError",
+    "DivergedError", "FedSimError", "FederatedAlgorithm", "Sampler", "ServerInfo", "SimState",
+    "check_algorithm", "init_state", "local_train", "make_mesh", "make_round",
+    "masked_cross_entropy", "pack", "tree_weighted_mean", "uniform",
+]

@@ -20,7 +20,7 @@ from fedjax_sim import evaluation, models, sampling
 from fedjax_sim.algorithm import FederatedAlgorithm
 from fedjax_sim.checkpoint import Checkpointer
 from fedjax_sim.checks import check_algorithm
-from fedjax_sim.errors import CheckpointError, ConfigError, DivergedError
+from fedjax_sim.errors import ConfigError, DivergedError
 from fedjax_sim.round import init_state, make_mesh, make_round
 from jax.sharding import NamedSharding, PartitionSpec as P
 

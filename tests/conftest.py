@@ -14,20 +14,25 @@ import ml_collections  # noqa: E402
 from fedjax_sim.launch.configs.base import get_base_config  # noqa: E402
 
 
-@pytest.fixture
-def small_config() -> ml_collections.ConfigDict:
-  """A seconds-long digits config: 20 clients, 5 per round, 4 rounds."""
+def tiny_config(**overrides) -> ml_collections.ConfigDict:
+  """A seconds-long digits config: 20 clients, 5 per round, MLP(32), no progress bar.
+
+  Keyword overrides set top-level keys (e.g. ``rounds=2``).
+  """
   c = get_base_config()
   c.data.num_clients = 20
   c.clients_per_round = 5
-  c.rounds = 4
-  c.eval_every = 2
-  c.checkpoint_every = 2
-  c.rounds_per_call = 2
-  c.chunk_size = 2
+  c.rounds, c.eval_every, c.checkpoint_every, c.rounds_per_call, c.chunk_size = 4, 2, 2, 2, 2
   c.model_kwargs.hidden = (32,)
   c.progress = False
+  c.update(overrides)
   return c
+
+
+@pytest.fixture
+def small_config() -> ml_collections.ConfigDict:
+  """:func:`tiny_config` as a fresh fixture per test (4 rounds, eval/checkpoint every 2)."""
+  return tiny_config()
 
 
 def run_python(code: str, devices: int = 8, timeout: int = 300) -> str:

@@ -14,25 +14,15 @@ import numpy as np
 import pytest
 
 from fedjax_sim.launch import sweep as sw
-from fedjax_sim.launch.configs.base import get_base_config
+import conftest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SKIP_KEYS = set(sw.TIMING_KEYS)
 
 
 def tiny_config():
-  c = get_base_config()
-  c.algorithm = "fedprox"
-  c.data.num_clients = 20
-  c.clients_per_round = 5
-  c.rounds = 2
-  c.eval_every = 1
-  c.checkpoint_every = 2
-  c.rounds_per_call = 1
-  c.chunk_size = 0
-  c.model_kwargs.hidden = (32,)
-  c.progress = False
-  return c
+  return conftest.tiny_config(algorithm="fedprox", rounds=2, eval_every=1, checkpoint_every=2,
+                              rounds_per_call=1, chunk_size=0)
 
 
 GRID = {"client_lr": ["0.05", "0.1"], "mu": ["0", "0.01"]}

@@ -30,7 +30,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from fedjax_sim.client_data import pad_examples

@@ -121,7 +121,7 @@ def run_cell(setting: str, alpha: float, seeds: list[int], methods: list[str],
       knn_k=s.knn_k, knn_t=s.knn_t, probe_steps=s.probe_steps, pool_size=pool)(None, eval_key)
       for sd in seeds}
 
-  round_fns, timing = {}, {}
+  round_fns = {}
   for name in methods:
     prog, coef = METHODS[name]
     alg = programs[prog]
