@@ -102,12 +102,14 @@ def embedding_fn(cfg: Any, init_params: Callable) -> tuple[Callable, int]:
   return (lambda p, x: model.apply({"params": p}, x, return_embedding=True)), int(dim)
 
 
-def _register_fairness():  # CoRe-Fed (+ ablations) and q-FFL; builders live in their modules
+def _register_fairness():  # CoRe-Fed (+ ablations), q-FFL, FedMDFG; builders live in their modules
   from fedjax_sim.algorithms.corefed import build_corefed
+  from fedjax_sim.algorithms.fedmdfg import build_fedmdfg
   from fedjax_sim.algorithms.qffl import build_qffl
   for name in ("corefed", "refed", "cofed"):
     ALGORITHMS[name] = build_corefed(name)
   ALGORITHMS["qffl"] = build_qffl
+  ALGORITHMS["fedmdfg"] = build_fedmdfg
 
 
 _register_fairness()

@@ -30,11 +30,20 @@ class ClientInfo(NamedTuple):
 
 
 class ServerInfo(NamedTuple):
-  """Cohort facts passed to the server update (K = padded cohort size)."""
+  """Cohort facts passed to the server update (K = padded cohort size).
+
+  ``query`` is the round's second client phase (None unless the algorithm
+  defines ``client_query``): ``query(q) -> pytree [K, ...]`` asks every
+  cohort slot ``client_query(q, client_state, data, info)`` with the same
+  layout, chunking and sharding as the client update (padding slots answer
+  too; mask them with ``valid``). The server update may call it any number of
+  times, also inside ``lax.while_loop`` (FedMDFG's step-size line search).
+  """
   round: jax.Array  # int32 []
   client_ids: jax.Array  # int32 [K]; padding slots hold a valid id but valid=False.
   num_examples: jax.Array  # int32 [K]; 0 for padding slots.
   valid: jax.Array  # bool [K]
+  query: Optional[Callable[[Any], Any]] = None
 
 
 class Pool(NamedTuple):
@@ -98,6 +107,13 @@ class FederatedAlgorithm(NamedTuple):
       ``client_update``/``init_client``/``eval_params``/``apply_fn`` are unused
       (set them to None) and ``server_update`` receives tuples, one entry
       per pool: ``(server_state, uploads, weights, infos, rng)``.
+    client_query: optional second client phase, ``(q, client_state, data,
+      info) -> pytree`` for ONE client (``client_state`` as returned by this
+      round's ``client_update``). The server update then finds
+      ``info.query`` (see :class:`ServerInfo`) and may ask the cohort
+      questions after the uploads, inside the same jitted round (e.g.
+      FedMDFG asks each client's loss at candidate models). Single-pool
+      algorithms only.
   """
   name: str
   init: Callable[[jax.Array], PyTree]
@@ -110,6 +126,7 @@ class FederatedAlgorithm(NamedTuple):
   personalized: bool = False
   pools: tuple = ()
   evaluate: Optional[Callable[..., dict]] = None
+  client_query: Optional[Callable[..., Any]] = None
 
 
 def masked_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:

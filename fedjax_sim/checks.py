@@ -43,13 +43,15 @@ def _shapes(tree):
   return jax.tree.map(lambda a: (tuple(a.shape), jnp.dtype(a.dtype)), tree)
 
 
-def check_algorithm(algorithm: FederatedAlgorithm, state: Any, data: ClientData) -> None:
+def check_algorithm(algorithm: FederatedAlgorithm, state: Any, data: ClientData,
+                    clients_per_round: int = 2) -> None:
   """Traces ``client_update`` and ``server_update`` abstractly and checks the contract.
 
   Args:
     algorithm: the algorithm (single pool; pooled algorithms are checked per pool).
     state: a SimState from ``init_state``.
     data: ClientData [C, N, ...].
+    clients_per_round: K, the stacked cohort size the server update is traced with.
 
   Raises:
     AlgorithmError: a non-array in a state; Python control flow or shapes that
@@ -86,12 +88,21 @@ def check_algorithm(algorithm: FederatedAlgorithm, state: Any, data: ClientData)
   if bad:
     raise AlgorithmError(f"client_update of '{algorithm.name}' returns non-scalar metrics {bad};"
                          f" return float32 scalars. See {GUIDE}, 'The contract'.")
-  k = 2
+  k = max(int(clients_per_round), 1)
   stack = lambda t: jax.tree.map(lambda a: jax.ShapeDtypeStruct((k, *a.shape), a.dtype), t)
+  ask = None
+  if algorithm.client_query is not None:  # abstract second client phase over k clients
+    def ask(q):
+      zeros = lambda t: jax.tree.map(lambda a: jnp.zeros((k, *a.shape), a.dtype), t)
+      infos = ClientInfo(jnp.zeros((k,), jnp.int32), jnp.zeros((k,), jnp.int32),
+                         jnp.ones((k,), bool))
+      return jax.vmap(algorithm.client_query, in_axes=(None, 0, 0, 0))(
+          q, zeros(new_cstate), zeros(cdata), infos)
   sinfo = ServerInfo(jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((k,), jnp.int32),
                      jax.ShapeDtypeStruct((k,), jnp.int32), jax.ShapeDtypeStruct((k,), jnp.bool_))
+  server_update = lambda s, u, w, si, r: algorithm.server_update(s, u, w, si._replace(query=ask), r)
   try:
-    new_server, _ = jax.eval_shape(algorithm.server_update, state.server, stack(upload),
+    new_server, _ = jax.eval_shape(server_update, state.server, stack(upload),
                                    jax.ShapeDtypeStruct((k,), jnp.float32), sinfo, key)
   except _TRACING_ERRORS as err:
     raise AlgorithmError(

@@ -9,7 +9,8 @@
 4. gathers the cohort's data and per-client state on device (no host copies);
 5. runs ``vmap(client_update)`` over each chunk (``lax.map`` over chunks),
    inside ``shard_map`` over the mesh axis ``clients``;
-6. runs the server update on the stacked uploads;
+6. runs the server update on the stacked uploads (an algorithm with a
+   ``client_query`` may ask the cohort again from there: ``ServerInfo.query``);
 7. scatters the new per-client state back into the [C, ...] state arrays;
 
 and fuses ``rounds_per_call`` rounds with ``lax.scan``.
@@ -173,20 +174,21 @@ def make_round(algorithm: FederatedAlgorithm, sampler: Optional[Sampler] = None,
       raise ValueError("make_round needs a sampler for a single-pool algorithm.")
     plans, names = [plan(algorithm.client_update, None, sampler)], [""]
 
-  def sharded_block(pl: _PoolPlan):
-    def client_block(bcast, data, cstate, rngs, infos, num_ex):
+  def sharded_block(pl: _PoolPlan, client_fn):
+    """``client_fn(shared, cstate, data, rng, info)`` over the cohort, sharded and chunked."""
+    def client_block(shared, data, cstate, rngs, infos, num_ex):
       """Runs on one device: [K_local, ...] -> chunks of vmapped clients.
 
       The device holds the whole (replicated) dataset and gathers each chunk's
       rows inside the chunk loop, so memory scales with the chunk, not the cohort.
       """
-      vupdate = jax.vmap(pl.client_update, in_axes=(None, 0, 0, 0, 0))
+      vfn = jax.vmap(client_fn, in_axes=(None, 0, 0, 0, 0))
 
       def run_chunk(cstate, rngs, infos, num_ex):
         cdata = jax.tree.map(lambda a: a[infos.client_id], data)
         cdata = cdata._replace(num_examples=num_ex,
                                mask=cdata.mask & infos.valid[:, None])
-        return vupdate(bcast, cstate, cdata, rngs, infos)
+        return vfn(shared, cstate, cdata, rngs, infos)
 
       k_local = infos.valid.shape[0]
       n_chunks = k_local // pl.layout.chunk
@@ -202,7 +204,15 @@ def make_round(algorithm: FederatedAlgorithm, sampler: Optional[Sampler] = None,
         in_specs=(P(), P(), P(CLIENTS_AXIS), P(CLIENTS_AXIS), P(CLIENTS_AXIS), P(CLIENTS_AXIS)),
         out_specs=P(CLIENTS_AXIS), check_vma=False)
 
-  blocks = [sharded_block(pl) for pl in plans]
+  blocks = [sharded_block(pl, pl.client_update) for pl in plans]
+  if algorithm.client_query is not None:
+    if pooled:
+      raise ValueError(f"algorithm '{algorithm.name}' has model pools and a client_query; the "
+                       "second client phase is supported for single-pool algorithms only.")
+    query = algorithm.client_query
+    query_block = sharded_block(plans[0], lambda q, cs, d, rng, info: query(q, cs, d, info))
+  else:
+    query_block = None
 
   def pool_phase(pl: _PoolPlan, block, bcast, pool_clients, sampler_state, data, k_sample,
                  k_clients, round_):
@@ -227,7 +237,10 @@ def make_round(algorithm: FederatedAlgorithm, sampler: Optional[Sampler] = None,
     scatter = jnp.where(valid, local, num_pool)  # padding slots -> dropped
     pool_clients = jax.tree.map(lambda a, u: a.at[scatter].set(u, mode="drop"), pool_clients,
                                 new_cstate)
-    sinfo = ServerInfo(round_, gids, num_ex, valid)
+    ask = None
+    if query_block is not None:  # the second client phase, over the same cohort layout
+      ask = lambda q: query_block(q, data, new_cstate, rngs, infos, num_ex)
+    sinfo = ServerInfo(round_, gids, num_ex, valid, ask)
     return uploads, num_ex.astype(jnp.float32), sinfo, pool_clients, sampler_state, cmetrics
 
   def one_round(state: SimState, data: ClientData):

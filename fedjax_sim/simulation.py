@@ -161,7 +161,8 @@ def train_and_evaluate(cfg, workdir: str, resume: bool = False,
 
   mesh = exp.mesh
   state = init_state(exp.algorithm, exp.sampler, exp.data.num_clients, cfg.seed, mesh)
-  check_algorithm(exp.algorithm, state, exp.data.train)
+  check_algorithm(exp.algorithm, state, exp.data.train,
+                  exp.sampler.clients_per_round if exp.sampler is not None else 2)
   history: list[dict] = []
   if resume:
     state = ckpt.restore(state)

@@ -162,7 +162,8 @@ print("OK", len(out[1].server.params["Dense_0"]["kernel"].sharding.device_set) i
 """
 
 
-@pytest.mark.parametrize("alg,chunk", [("fedavg", "None"), ("local", "1")])
+@pytest.mark.parametrize("alg,chunk", [("fedavg", "None"), ("local", "1"), ("fedmdfg", "2")])
 def test_one_device_equals_eight_devices(alg, chunk):
+  """fedmdfg: the line search's second client phase runs sharded too."""
   out = run_python(ONE_VS_EIGHT.format(alg=alg, chunk=chunk), devices=8)
   assert out.strip().startswith("OK")

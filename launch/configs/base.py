@@ -33,6 +33,10 @@ def get_base_config() -> ml_collections.ConfigDict:
       "window": 0,  # tau in rounds, 0 = C // K
       "max_age": -1,  # oldest reused update in rounds, -1 = tau - 1
       "reference_code": False})  # True: what the official code runs (weights only)
+  # FedMDFG knobs (algorithms/fedmdfg.py): fairness angle theta in degrees (11.25 = pi/16),
+  # line-search range s, sufficient-decrease beta, strict = textbook tests instead of the code's.
+  c.fedmdfg = ml_collections.ConfigDict({"theta": 11.25, "s": 5, "beta": 1e-4, "strict": False,
+                                         "qp_iters": 1000})
   # Unequal participation (sampler availability | schedule; fedjax_sim/sampling.py)
   c.availability = ml_collections.ConfigDict({
       "distribution": "power_law", "beta_a": 1.0, "beta_b": 1.0, "power": 0.75, "seed": 0,
