@@ -43,6 +43,16 @@ def _shapes(tree):
   return jax.tree.map(lambda a: (tuple(a.shape), jnp.dtype(a.dtype)), tree)
 
 
+def _abstract_query(client_query, k, cstate, cdata):
+  """A stand-in for ``ServerInfo.query`` over k zero-filled clients (for tracing only)."""
+  def ask(q):
+    zeros = lambda t: jax.tree.map(lambda a: jnp.zeros((k, *a.shape), a.dtype), t)
+    infos = ClientInfo(jnp.zeros((k,), jnp.int32), jnp.zeros((k,), jnp.int32),
+                       jnp.ones((k,), bool))
+    return jax.vmap(client_query, in_axes=(None, 0, 0, 0))(q, zeros(cstate), zeros(cdata), infos)
+  return ask
+
+
 def check_algorithm(algorithm: FederatedAlgorithm, state: Any, data: ClientData,
                     clients_per_round: int = 2) -> None:
   """Traces ``client_update`` and ``server_update`` abstractly and checks the contract.
@@ -90,14 +100,8 @@ def check_algorithm(algorithm: FederatedAlgorithm, state: Any, data: ClientData,
                          f" return float32 scalars. See {GUIDE}, 'The contract'.")
   k = max(int(clients_per_round), 1)
   stack = lambda t: jax.tree.map(lambda a: jax.ShapeDtypeStruct((k, *a.shape), a.dtype), t)
-  ask = None
-  if algorithm.client_query is not None:  # abstract second client phase over k clients
-    def ask(q):
-      zeros = lambda t: jax.tree.map(lambda a: jnp.zeros((k, *a.shape), a.dtype), t)
-      infos = ClientInfo(jnp.zeros((k,), jnp.int32), jnp.zeros((k,), jnp.int32),
-                         jnp.ones((k,), bool))
-      return jax.vmap(algorithm.client_query, in_axes=(None, 0, 0, 0))(
-          q, zeros(new_cstate), zeros(cdata), infos)
+  ask = (None if algorithm.client_query is None
+         else _abstract_query(algorithm.client_query, k, new_cstate, cdata))
   sinfo = ServerInfo(jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((k,), jnp.int32),
                      jax.ShapeDtypeStruct((k,), jnp.int32), jax.ShapeDtypeStruct((k,), jnp.bool_))
   server_update = lambda s, u, w, si, r: algorithm.server_update(s, u, w, si._replace(query=ask), r)
