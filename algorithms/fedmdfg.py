@@ -128,6 +128,34 @@ def min_norm_element(vecs: jax.Array, mask: jax.Array, iters: int = 1000) -> jax
   return lam
 
 
+def step_accepted(loss: jax.Array, new_loss: jax.Array, eta: jax.Array, c: jax.Array,
+                  live: jax.Array, u: jax.Array, fair_on: jax.Array, *, beta: float,
+                  strict: bool) -> jax.Array:
+  """The line search's acceptance test for one candidate step eta.
+
+  Args:
+    loss: float32 [K], the live clients' losses at w (0 for others).
+    new_loss: float32 [K], their losses at w - eta d (0 for others).
+    eta: float32 [], the candidate step.  c: float32 [K], -(g_i . d).
+    live: bool [K].  u: float32 [K], the unit guidance vector over live clients.
+    fair_on: bool [], whether the cosine test applies.
+    beta: sufficient-decrease constant.  strict: see :func:`fedmdfg`.
+
+  Returns:
+    bool []: every live client passes l_i - l_i' >= eta beta c_i (strict:
+    >= -eta beta c_i) and, if ``fair_on``, cos(l', u) > cos(l, u), where the
+    released code (strict=False) computes the old cosine as (l . u) / sum(l).
+  """
+  bound = eta * beta * (-c if strict else c)
+  decrease = jnp.all(jnp.where(live, loss - new_loss >= bound, True))
+  if strict:
+    cos0 = (loss @ u) / jnp.maximum(jnp.linalg.norm(loss), _TINY)
+  else:
+    cos0 = (loss @ u) / jnp.maximum(jnp.sum(loss), _TINY)
+  cos = (new_loss @ u) / jnp.maximum(jnp.linalg.norm(new_loss), _TINY)
+  return decrease & jnp.where(fair_on, cos > cos0, True)
+
+
 def fedmdfg(apply_fn: Callable, init_params: Callable[[jax.Array], PyTree], *,
             num_clients: int, clients_per_round: int, client_lr: float, batch_size: int,
             lr_decay: float = 1.0, theta: float = 11.25, s: int = 5, beta: float = 1e-4,
@@ -282,11 +310,6 @@ def fedmdfg(apply_fn: Callable, init_params: Callable[[jax.Array], PyTree], *,
     start = jnp.where(same_cohort, 2.0 ** s * base, base)
     min_lr = jnp.where(moved, 0.5 ** s * base / scale, jnp.inf)
     total0 = jnp.sum(l_live)
-    if strict:
-      cos0 = total0 / jnp.sqrt(jnp.maximum(n_live, 1).astype(jnp.float32)) / jnp.maximum(
-          jnp.linalg.norm(l_live), _TINY)
-    else:  # the released code divides by the loss SUM here
-      cos0 = (l_live @ u) / jnp.maximum(total0, _TINY)
     d_tree = unravel(d)
 
     def losses_at(eta):
@@ -301,10 +324,7 @@ def fedmdfg(apply_fn: Callable, init_params: Callable[[jax.Array], PyTree], *,
       eta, _, found, first_dec, best_eta, best_total, n_eval = carry
       lq = losses_at(eta) * lv
       total = jnp.sum(lq)
-      bound = eta * beta * (-c if strict else c)
-      armijo = jnp.all(jnp.where(live, loss - lq >= bound, True))
-      cos = (lq @ u) / jnp.maximum(jnp.linalg.norm(lq), _TINY)
-      ok = armijo & jnp.where(fair_on, cos - cos0 > 0, True)
+      ok = step_accepted(l_live, lq, eta, c, live, u, fair_on, beta=beta, strict=strict)
       dec = total < total0
       first_dec = jnp.where(~found & dec, eta, first_dec)
       better = total < best_total

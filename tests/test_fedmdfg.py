@@ -161,3 +161,24 @@ def test_bad_knobs_name_the_config_key():
   with pytest.raises(ValueError, match="fedmdfg.s"):
     fedmdfg(None, None, s=-1, **args)
 
+
+
+def test_step_acceptance_code_vs_strict():
+  """The released code's tests (strict=False) against the textbook ones."""
+  from fedjax_sim.algorithms.fedmdfg import step_accepted
+  live = jnp.array([True, True])
+  u = jnp.array([1.0, 1.0]) / np.sqrt(2)
+  loss = jnp.array([1.0, 2.0])
+  c = jnp.array([-1.0, -1.0])
+  kw = dict(eta=jnp.float32(1.0), c=c, live=live, u=u, fair_on=jnp.bool_(False), beta=0.1)
+  # A slight increase (+0.05) passes the code's relaxed bound (>= -0.1), not Armijo's (>= 0.1).
+  up = loss + 0.05
+  assert bool(step_accepted(loss, up, strict=False, **kw))
+  assert not bool(step_accepted(loss, up, strict=True, **kw))
+  # Both decrease a lot but the loss vector turns away from u: only the code's cosine passes.
+  kw["fair_on"] = jnp.bool_(True)
+  less_fair = jnp.array([0.5, 1.9])
+  assert bool(step_accepted(loss, less_fair, strict=False, **kw))
+  assert not bool(step_accepted(loss, less_fair, strict=True, **kw))
+  fairer = jnp.array([0.9, 1.5])
+  assert bool(step_accepted(loss, fairer, strict=True, **kw))

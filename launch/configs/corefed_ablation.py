@@ -7,6 +7,7 @@
     reference  what the official code runs: contribution weights only
     fedavg     the baseline
     qffl       q-FedAvg, q = 1
+    fedmdfg    FedMDFG, theta = 11.25 deg, s = 5
 
   fedjax-sim run --config=launch/configs/corefed_ablation.py:digits:refed --workdir=runs/refed
   fedjax-sim run --config=launch/configs/corefed_ablation.py:cifar10:cofed \\
@@ -19,7 +20,7 @@ runs it (``--dataset``, ``--rounds``, ``--seeds``).
 from fedjax_sim.launch.configs import corefed_cifar10, corefed_digits, corefed_fmnist
 
 DATASETS = {"digits": corefed_digits, "fmnist": corefed_fmnist, "cifar10": corefed_cifar10}
-VARIANTS = ("corefed", "refed", "cofed", "reference", "fedavg", "qffl")
+VARIANTS = ("corefed", "refed", "cofed", "reference", "fedavg", "qffl", "fedmdfg")
 # The sensitivity grid: (k, gamma).
 GRID = [(k, gamma) for k in (0.5, 2.0) for gamma in (0.5, 2.0)]
 

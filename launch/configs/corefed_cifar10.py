@@ -9,7 +9,7 @@ parameters = 0.7 GB float32 for this CNN.
 
   fedjax-sim run --config=launch/configs/corefed_cifar10.py --config.data.data_dir=~/tensorflow_datasets
 
-Ablations: ``--config.algorithm=refed|cofed|fedavg|qffl``; official-code
+Ablations: ``--config.algorithm=refed|cofed|fedavg|qffl|fedmdfg``; official-code
 behaviour: ``--config.corefed.reference_code=True``. ``:smoke``: 4 rounds.
 """
 from fedjax_sim.launch.configs import fedavg_cifar10

@@ -12,6 +12,7 @@ tau_c 0.07, beta 0.5, gamma 0.5, k 2.0, window tau = C/K = 5.
   fedjax-sim run --config=launch/configs/corefed_digits.py --config.algorithm=cofed  # Co-Fed
   fedjax-sim run --config=launch/configs/corefed_digits.py --config.corefed.reference_code=True
   fedjax-sim run --config=launch/configs/corefed_digits.py --config.algorithm=qffl --config.qffl_q=1.0
+  fedjax-sim run --config=launch/configs/corefed_digits.py --config.algorithm=fedmdfg  # FedMDFG
 
 Variants: ``:smoke`` (10 rounds, seconds). The report's comparison (5 methods
 x 3 seeds): ``python launch/experiments/corefed_digits.py``.

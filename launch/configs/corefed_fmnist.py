@@ -8,7 +8,7 @@ Needs the prepared TFDS dataset (see README, "TFDS datasets"):
 
   fedjax-sim run --config=launch/configs/corefed_fmnist.py --config.data.data_dir=~/tensorflow_datasets
 
-Ablations: ``--config.algorithm=refed|cofed|fedavg|qffl``; official-code
+Ablations: ``--config.algorithm=refed|cofed|fedavg|qffl|fedmdfg``; official-code
 behaviour: ``--config.corefed.reference_code=True``. ``:smoke``: 4 rounds.
 """
 from fedjax_sim.launch.configs import fedavg_fmnist

@@ -1,4 +1,4 @@
-"""CoRe-Fed report on digits: FedAvg, q-FFL, Re-Fed, Co-Fed, CoRe-Fed over seeds.
+"""CoRe-Fed report on digits: FedAvg, q-FFL, FedMDFG, Re-Fed, Co-Fed, CoRe-Fed over seeds.
 
 Every run is ``launch/configs/corefed_digits.py`` (100 clients, Dir(0.5), 20
 per round, power-law availability) with ``algorithm`` and ``seed`` set, built
@@ -11,6 +11,8 @@ disparity of the global model over all 100 clients' training splits).
   python launch/experiments/corefed_digits.py                      # the report (~15 min)
   python launch/experiments/corefed_digits.py --rounds 20 --seeds 0 --out /tmp/x  # smoke
   python launch/experiments/corefed_digits.py --throughput-only    # time/round ratio only
+  python launch/experiments/corefed_digits.py --methods fedmdfg --merge  # add/redo one method
+  python launch/experiments/corefed_digits.py --methods fedmdfg_strict --merge --no-throughput
 
 Writes ``<out>/corefed_digits_results.json`` (all histories), PNG plots and
 ``corefed_digits_table.md`` (the tables the report quotes).
@@ -29,8 +31,10 @@ from fedjax_sim import evaluation, metrics, sampling, simulation
 from fedjax_sim.launch.configs import corefed_digits
 from fedjax_sim.round import init_state, make_round
 
-METHODS = ("fedavg", "qffl", "refed", "cofed", "corefed")
-LABELS = {"fedavg": "FedAvg", "qffl": "q-FFL (q=1)", "refed": "Re-Fed", "cofed": "Co-Fed",
+METHODS = ("fedavg", "qffl", "fedmdfg", "refed", "cofed", "corefed")
+LABELS = {"fedavg": "FedAvg", "qffl": "q-FFL (q=1)", "fedmdfg": "FedMDFG",
+          "fedmdfg_strict": "FedMDFG (strict line search)", "refed": "Re-Fed",
+          "cofed": "Co-Fed",
           "corefed": "CoRe-Fed", "reference": "CoRe-Fed (reference code)"}
 KEYS = ("test_accuracy", "client_acc_mean", "client_acc_worst10", "client_acc_std", "d_cosine",
         "d_manhattan", "jain_index", "repr_disparity")
@@ -40,6 +44,8 @@ def method_config(method: str, seed: int, rounds: int, eval_every: int):
   c = corefed_digits.get_config()
   if method == "reference":
     c.algorithm, c.corefed.reference_code = "corefed", True
+  elif method == "fedmdfg_strict":  # textbook Armijo and cosine tests in the line search
+    c.algorithm, c.fedmdfg.strict = "fedmdfg", True
   else:
     c.algorithm = method
   c.seed, c.rounds, c.eval_every, c.progress = seed, rounds, eval_every, False
@@ -226,6 +232,9 @@ def main():
   ap.add_argument("--no-throughput", action="store_true")
   ap.add_argument("--repeats", type=int, default=5, help="throughput repeats")
   ap.add_argument("--throughput-methods", default="fedavg,corefed")
+  ap.add_argument("--merge", action="store_true",
+                  help="keep the other methods' runs (and throughput) from <out>'s results JSON "
+                       "and replace only the runs of --methods x --seeds")
   args = ap.parse_args()
   os.makedirs(args.out, exist_ok=True)
   if args.throughput_only:
@@ -246,7 +255,15 @@ def main():
             f"{last['repr_disparity']:.4f} ({r['ms_per_round']:.1f} ms/round, "
             f"{time.time() - t:.0f}s)", flush=True)
       runs.append(r)
-  tp = None if args.no_throughput else throughput(args.repeats)
+  old_tp = None
+  if args.merge:
+    with open(os.path.join(args.out, "corefed_digits_results.json")) as f:
+      old = json.load(f)
+    redo = {(m, s) for m in args.methods.split(",") for s in seeds}
+    kept = [r for r in old["runs"] if (r["method"], r["seed"]) not in redo]
+    runs = sorted(kept + runs, key=lambda r: (r["seed"], list(LABELS).index(r["method"])))
+    old_tp = old.get("throughput")
+  tp = old_tp if args.no_throughput else throughput(args.repeats)
   skew = participation_skew(args.rounds)
   with open(os.path.join(args.out, "corefed_digits_results.json"), "w") as f:
     json.dump({"runs": runs, "throughput": tp, "participation_skew": skew}, f)
