@@ -1,0 +1,147 @@
+"""Where CoRe-Fed's time per round goes, against FedAvg (digits, the throughput setup).
+
+    .venv/bin/python bench/corefed_profile.py                       # presets, interleaved
+    .venv/bin/python bench/corefed_profile.py --methods fedavg,corefed --repeats 10
+    .venv/bin/python bench/corefed_profile.py --hlo /tmp/hlo        # also dump optimized HLO
+    .venv/bin/python bench/corefed_profile.py --trace corefed        # per-part time (profiler)
+
+Same setup as ``throughput()`` in ``launch/experiments/corefed_digits.py``
+(100 clients, 20 per round, MLP 64-200-200-10, E=1, B=10, 10 rounds fused per
+call, 50 rounds per repeat, configurations interleaved). Methods: fedavg,
+reference (CoRe-Fed's reference_code), refed, cofed, corefed. Prints the
+median and minimum wall ms/round, the median process CPU ms/round and the
+ratios to FedAvg; with ``--hlo`` writes each configuration's optimized HLO
+(count of while loops, fusions, copies in the round's text) for inspection.
+``--trace METHOD`` instead runs 10 calls (100 rounds) of one configuration
+under ``jax.profiler`` and sums the leaf thunks' times per round by the named
+scopes of ``algorithms/corefed.py`` (corefed_loss, corefed_embedding,
+corefed_server, corefed_reuse); dots carry no scope in XLA's metadata, so
+the [1, P] GEMVs (the reuse pass, and FedAvg's own average) are listed as
+``gemv [1, P]``. The profiler inflates small thunks (about 1.5x in total):
+read it for where the time goes, not for the ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "launch", "experiments"))
+import corefed_digits as drv  # noqa: E402  (the driver's method_config)
+
+from fedjax_sim import simulation  # noqa: E402
+from fedjax_sim.round import init_state, make_round  # noqa: E402
+
+
+def build(method: str, rounds_per_call: int = 10):
+  cfg = drv.method_config(method, 0, 50, rounds_per_call)
+  exp = simulation.build_experiment(cfg)
+  rf = make_round(exp.algorithm, exp.sampler, seed=0, mesh=exp.mesh,
+                  chunk_size=cfg.chunk_size or None, rounds_per_call=rounds_per_call)
+  st = init_state(exp.algorithm, exp.sampler, exp.data.num_clients, 0, exp.mesh)
+  return rf, st, exp.data.train
+
+
+def hlo_summary(rf, st, data, path: str) -> dict:
+  text = rf.lower(st, data).compile().as_text()
+  with open(path, "w") as f:
+    f.write(text)
+  return {"fusions": len(re.findall(r"^\s*\S+ = \S+ fusion\(", text, re.M)),
+          "copies": len(re.findall(r" copy\(", text)),
+          "whiles": len(re.findall(r" while\(", text)),
+          "chars": len(text)}
+
+
+def trace(method: str, calls: int = 10, top: int = 20) -> None:
+  import collections
+  import glob
+  import gzip
+  import json
+  import tempfile
+  rf, st, d = build(method)
+  text = rf.lower(st, d).compile().as_text()
+  info = {}
+  for line in text.splitlines():
+    m = re.match(r"\s*(?:ROOT )?%(\S+) = (\S+) (\S+?)\(", line)
+    if m:
+      op = re.search(r'op_name="([^"]*)"', line)
+      info[m.group(1)] = (m.group(2), m.group(3), op.group(1) if op else "")
+  st, _ = rf(st, d)
+  jax.block_until_ready(st)
+  out = tempfile.mkdtemp(prefix="corefed_trace_")
+  with jax.profiler.trace(out, create_perfetto_trace=True):
+    for _ in range(calls):
+      st, _ = rf(st, d)
+    jax.block_until_ready(st)
+  path = glob.glob(os.path.join(out, "**", "*.trace.json.gz"), recursive=True)[-1]
+  events = [e for e in json.load(gzip.open(path))["traceEvents"] if e.get("ph") == "X"]
+  scopes = ("corefed_reuse", "corefed_server", "corefed_loss", "corefed_embedding")
+  parts, ops = collections.Counter(), collections.Counter()
+  for e in events:
+    if e["name"] not in info:
+      continue
+    shape, kind, op = info[e["name"]]
+    if kind in ("while", "call", "conditional"):  # containers: their leaves are counted
+      continue
+    part = next((s for s in scopes if s in op), "other (engine, FedAvg's training)")
+    if kind == "dot" and shape.startswith("f32[1,"):
+      part = "gemv [1, P]"
+    parts[part] += e["dur"]
+    ops[(part, e["name"], shape.split("{")[0])] += e["dur"]
+  rounds = calls * 10
+  print(f"{method}: leaf thunks {sum(parts.values()) / rounds / 1e3:.3f} ms/round (profiled)")
+  for k, t in parts.most_common():
+    print(f"  {k:36s} {t / rounds / 1e3:7.3f} ms/round")
+  for (part, name, shape), t in ops.most_common(top):
+    print(f"    {t / rounds / 1e3:7.3f}  {part:24s} {name:40s} {shape}")
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--methods", default="fedavg,reference,refed,cofed,corefed")
+  ap.add_argument("--repeats", type=int, default=7)
+  ap.add_argument("--rounds", type=int, default=50)
+  ap.add_argument("--hlo", default="", help="folder for the optimized HLO texts")
+  ap.add_argument("--trace", default="", help="profile one method's round by part")
+  args = ap.parse_args()
+  if args.trace:
+    trace(args.trace)
+    return
+  methods = args.methods.split(",")
+  fns = {}
+  for m in methods:
+    rf, st, d = build(m)
+    if args.hlo:
+      os.makedirs(args.hlo, exist_ok=True)
+      print(m, hlo_summary(rf, st, d, os.path.join(args.hlo, f"{m}.hlo.txt")))
+    st, _ = rf(st, d)
+    jax.block_until_ready(st)
+    fns[m] = [rf, st, d]
+  wall = {m: [] for m in methods}
+  cpu = {m: [] for m in methods}
+  for _ in range(args.repeats):
+    for m, e in fns.items():
+      rf, st, d = e
+      t, c = time.perf_counter(), time.process_time()
+      for _ in range(args.rounds // 10):
+        st, _ = rf(st, d)
+      jax.block_until_ready(st)
+      wall[m].append(1e3 * (time.perf_counter() - t) / args.rounds)
+      cpu[m].append(1e3 * (time.process_time() - c) / args.rounds)
+      e[1] = st
+  base = methods[0]
+  print(f"{'method':10s} {'wall med':>9s} {'wall min':>9s} {'cpu med':>8s}  x{base} (med / min / cpu)")
+  for m in methods:
+    print(f"{m:10s} {np.median(wall[m]):9.2f} {np.min(wall[m]):9.2f} {np.median(cpu[m]):8.2f}  "
+          f"{np.median(wall[m]) / np.median(wall[base]):.3f} / "
+          f"{np.min(wall[m]) / np.min(wall[base]):.3f} / "
+          f"{np.median(cpu[m]) / np.median(cpu[base]):.3f}")
+
+
+if __name__ == "__main__":
+  main()
