@@ -30,10 +30,11 @@ One round, for the K sampled clients (L_i a client's mean training loss):
 6. Line search on the step size eta, w' = w - eta d, the cohort evaluating its
    losses at each candidate (the round's second client phase,
    :attr:`~fedjax_sim.algorithm.ServerInfo.query`): eta starts at 2^s lr when
-   the cohort equals last round's (no historical rows), else at lr, and halves
+   every one of last round's live clients is in this cohort (no historical
+   rows), else at lr, and halves
    while eta >= 0.5^s lr / scale (scale = ||d|| / ||d_unscaled||). The first eta
-   with l_i - l_i' >= eta beta c_i for every live client (c = -(G d),
-   beta = 1e-4) and, when the guidance is on, a larger cosine between the loss
+   with l_i - l_i' >= eta beta c_i for every live client (c = -(G d) with the
+   rescaled gradients G, beta = 1e-4) and, when the guidance is on, a larger cosine between the loss
    vector and u, is taken. Otherwise: the largest candidate that lowered the
    summed loss, else the candidate with the smallest summed loss.
 
@@ -45,9 +46,13 @@ sufficient-decrease test has c_i = -(g_i . d) <= 0 on its right side (a
 slightly RELAXED Armijo test, not the textbook l_i' <= l_i - eta beta g_i . d);
 the old cosine is divided by the SUM of the losses instead of their L2 norm,
 which makes the cosine test pass for any candidate with two or more positive
-losses. ``strict=True`` uses the textbook Armijo sign and the L2 norm on both
-sides. [ours] where the released code would divide by zero (a zero
-min-norm point: the gradients are Pareto-stationary), the round keeps w.
+losses. ``strict=True`` uses the textbook Armijo sign (still with the
+rescaled gradients in c) and the L2 norm on both sides. [ours] where the
+released code would divide by zero, the round keeps w: a zero min-norm point
+(Pareto-stationary gradients), or a zero fair-guidance vector h (one live
+client, or all live losses equal, with the guidance forced on). When no step
+passes and a candidate's loss is NaN, the fallbacks skip it (the released
+code's ``np.argmin`` would pick it).
 
 Per-client bookkeeping lives in server arrays: expected loss [C], join
 count [C], last round's ids, live mask and rescaled gradients [K, P] (P =
@@ -222,6 +227,9 @@ def fedmdfg(apply_fn: Callable, init_params: Callable[[jax.Array], PyTree], *,
 
   def client_update(w, client_state, data, rng, info):
     del rng, info
+    if data.y.shape[0] % batch_size:
+      raise ValueError(f"client arrays have N={data.y.shape[0]} rows, not a multiple of "
+                       f"batch_size={batch_size}; pack with multiple=batch_size.")
     zero = (jnp.float32(0.0), jax.tree.map(jnp.zeros_like, w))
     total, gsum = batch_sums(lambda x, y, m: jax.value_and_grad(summed_loss)(w, x, y, m),
                              zero, data)

@@ -7,6 +7,7 @@ from jax.flatten_util import ravel_pytree
 from scipy.optimize import minimize
 
 from conftest import tiny_config
+from fedjax_sim.algorithm import ServerInfo
 from fedjax_sim.algorithms.fedmdfg import fedmdfg, min_norm_element
 from fedjax_sim.round import init_state, make_round
 from fedjax_sim.simulation import build_experiment
@@ -45,82 +46,85 @@ def test_min_norm_element_inside_the_hull_is_zero():
 
 
 # ---------------------------------------------------------------------------
-# NumPy reference of one FedMDFG round, client by client (the released code's
-# procedure, as stated in algorithms/fedmdfg.py).
+# A NumPy reference of the public FedMDFG round (github.com/zibinpan/FedMDFG,
+# train_a_round + line_search), client by client, in float64, with losses and
+# gradients from pluggable per-client functions.
 
-def reference_round(params, ref, cohort, data, apply_fn, *, lr, theta=11.25, s=5, beta=1e-4):
-  flat0, unravel = ravel_pytree(params)
-  flat0 = np.asarray(flat0, np.float64)
+class PublicFedMDFG:
+  def __init__(self, num_clients, k, lr, decay=1.0, theta=11.25, s=5, beta=1e-4):
+    self.k, self.lr0, self.decay, self.theta, self.s, self.beta = k, lr, decay, theta, s, beta
+    self.exp, self.count = np.zeros(num_clients), np.zeros(num_clients, int)
+    self.last = None  # (ids, rescaled gradients) of last round's live clients
+    self.round = 0
 
-  def client_loss(p_flat, cid):
-    d = jax.tree.map(lambda a: a[cid], data)
-    n = int(d.num_examples)
-    logits = apply_fn(unravel(jnp.asarray(p_flat, jnp.float32)), d.x[:n])
-    return jnp.mean(-jax.nn.log_softmax(logits)[jnp.arange(n), d.y[:n]])
-
-  losses, grads = [], []
-  for cid in cohort:
-    lval, g = jax.value_and_grad(client_loss)(jnp.asarray(flat0, jnp.float32), cid)
-    losses.append(float(lval))
-    grads.append(np.asarray(g, np.float64))
-  l, G = np.array(losses), np.stack(grads)
-  increase = 0
-  for i, cid in enumerate(cohort):
-    if ref["count"][cid] == 0:
-      ref["exp"][cid] = l[i]
-    elif l[i] <= ref["exp"][cid]:
-      ref["exp"][cid] = (ref["exp"][cid] * ref["count"][cid] + l[i]) / (ref["count"][cid] + 1)
-    else:
-      increase += 1
-    ref["count"][cid] += 1
-  forced = 0 < increase < len(cohort)
-  hist = [g for cid, g in ref["last"] if cid not in cohort]
-  same = not hist
-  norms = np.linalg.norm(G, axis=1)
-  G = G / norms[:, None] * norms.mean()  # every client is live here
-  n = len(cohort)
-  u = np.ones(n) / np.sqrt(n)
-  l_hat = l / np.linalg.norm(l)
-  angle = np.degrees(np.arccos(np.clip(l_hat @ u, -1, 1)))
-  fair = angle > theta or forced
-  rows = [G]
-  if fair:
-    h = (u @ l_hat) * l_hat - u
-    rows.append((h / np.linalg.norm(h)) @ G[None])
-  if hist:
-    rows.append(np.stack(hist))
-  V = np.concatenate(rows)
-  d0 = qp_reference(V)
-  d = d0 / np.linalg.norm(d0) * np.linalg.norm(G.mean(0))
-  while np.max(-(V @ d)) > 1e-6:
-    if np.linalg.norm(d) > 2 * np.linalg.norm(d0):
-      d = d / 2
-    else:
-      d = d0
-      break
-  scale = np.linalg.norm(d) / np.linalg.norm(d0)
-  c = -(G @ d)
-  eta = 2.0 ** s * lr if same else lr
-  min_eta = 0.5 ** s * lr / scale
-  old_cos = (l @ u) / l.sum()
-  tried = []
-  accepted = None
-  while eta >= min_eta:
-    lq = np.array([float(client_loss(flat0 - eta * d, cid)) for cid in cohort])
-    tried.append((eta, lq.sum()))
-    ok = np.all(l - lq >= eta * beta * c)
+  def step(self, w, ids, loss, grad):
+    """One round from w (float64 [P]) for cohort ``ids``; returns (w', info)."""
+    lr = self.lr0 * self.decay ** self.round
+    self.round += 1
+    l = np.array([loss(w, i) for i in ids])
+    G = np.stack([grad(w, i) for i in ids])
+    increase = 0
+    for j, i in enumerate(ids):
+      if self.count[i] == 0:
+        self.exp[i] = l[j]
+      elif l[j] <= self.exp[i]:
+        self.exp[i] = (self.exp[i] * self.count[i] + l[j]) / (self.count[i] + 1)
+      else:
+        increase += 1
+      self.count[i] += 1
+    forced = 0 < increase < self.k
+    hist = None
+    if self.last is not None:
+      gone = [j for j, i in enumerate(self.last[0]) if i not in ids]
+      hist = self.last[1][gone] if gone else None
+    same = hist is None
+    norms = np.linalg.norm(G, axis=1)
+    live = np.flatnonzero(norms > 1e-6)
+    if live.size == 0:
+      return w, {"branch": "no live client"}
+    G, l, norms = G[live], l[live], norms[live]
+    G = G / norms[:, None] * norms.mean()
+    u = np.ones(live.size) / np.sqrt(live.size)
+    l_hat = l / np.linalg.norm(l)
+    fair = np.degrees(np.arccos(np.clip(l_hat @ u, -1, 1))) > self.theta or forced
+    keep_norm = lambda a: a * (np.linalg.norm(a, axis=1) / (np.linalg.norm(a, axis=1) + 1e-6))[:, None]
+    rows = [keep_norm(G)]
     if fair:
-      ok = ok and (lq @ u) / np.linalg.norm(lq) - old_cos > 0
-    if ok:
-      accepted = eta
-      break
-    eta /= 2
-  if accepted is None:
-    dec = [e for e, tot in tried if tot < l.sum()]
-    accepted = dec[0] if dec else tried[int(np.argmin([t for _, t in tried]))][0]
-  ref["last"] = list(zip(cohort, G))
-  return unravel(jnp.asarray(flat0 - accepted * d, jnp.float32)), {"fair": fair, "same": same,
-                                                                    "candidates": len(tried)}
+      h = (u @ l_hat) * l_hat - u
+      if np.linalg.norm(h) < 1e-12:  # the public code divides 0/0 here; ours keeps w
+        return w, {"branch": "zero fair vector", "fair": True}
+      rows.append((h / np.linalg.norm(h)) @ rows[0][None])
+    if hist is not None:
+      rows.append(keep_norm(hist))
+    V = np.concatenate(rows)
+    d0 = qp_reference(V)
+    d = d0 / np.linalg.norm(d0) * np.linalg.norm(G.mean(0))
+    while np.max(-(V @ d)) > 1e-6:
+      if np.linalg.norm(d) > 2 * np.linalg.norm(d0):
+        d = d / 2
+      else:
+        d = d0
+        break
+    scale = np.linalg.norm(d) / np.linalg.norm(d0)
+    c = -(G @ d)
+    eta = 2.0 ** self.s * lr if same else lr
+    old_cos = (l @ u) / l.sum()
+    tried, branch = [], None
+    while eta >= 0.5 ** self.s * lr / scale:
+      lq = np.array([loss(w - eta * d, ids[j]) for j in live])
+      tried.append((eta, lq.sum()))
+      if np.all(l - lq >= eta * self.beta * c) and (
+          not fair or (lq @ u) / np.linalg.norm(lq) - old_cos > 0):
+        branch = "accepted"
+        break
+      eta /= 2
+    if branch is None:
+      dec = [e for e, tot in tried if tot < l.sum()]
+      branch = "first decrease" if dec else "smallest loss"
+      eta = dec[0] if dec else tried[int(np.argmin([t for _, t in tried]))][0]
+    self.last = (list(np.asarray(ids)[live]), G)
+    return w - eta * d, {"branch": branch, "fair": fair, "same": same, "forced": forced,
+                         "candidates": len(tried)}
 
 
 @pytest.mark.parametrize("clients,per_round", [(12, 4), (6, 6)])
@@ -135,23 +139,100 @@ def test_round_equals_numpy_client_loop(clients, per_round):
   alg = exp.algorithm
   state = init_state(alg, exp.sampler, clients, seed=0, mesh=exp.mesh)
   round_fn = make_round(alg, exp.sampler, seed=0, mesh=exp.mesh, donate=False)
-  ref = {"exp": np.zeros(clients), "count": np.zeros(clients, int), "last": []}
-  params = state.server.params
+  flat, unravel = ravel_pytree(state.server.params)
+  data = exp.data.train
+
+  @jax.jit
+  def loss_of(p_flat, x, y, mask):
+    ce = -jax.nn.log_softmax(alg.apply_fn(unravel(p_flat), x))[jnp.arange(y.shape[0]), y]
+    return jnp.sum(ce * mask) / jnp.sum(mask)
+
+  client = lambda i: (data.x[i], data.y[i], data.mask[i].astype(jnp.float32))
+  loss = lambda w, i: float(loss_of(jnp.asarray(w, jnp.float32), *client(i)))
+  grad = lambda w, i: np.asarray(jax.grad(loss_of)(jnp.asarray(w, jnp.float32), *client(i)),
+                                 np.float64)
+  ref = PublicFedMDFG(clients, per_round, cfg.client_lr)
+  w = np.asarray(flat, np.float64)
   seen_same = False
   for r in range(3):
     rkey = jax.random.fold_in(jax.random.PRNGKey(0), r)
     cohort, _ = exp.sampler.sample(jax.random.split(rkey, 3)[0], jnp.int32(r), state.sampler)
-    cohort = [int(c) for c in np.asarray(cohort)]
-    params, info = reference_round(params, ref, cohort, exp.data.train, alg.apply_fn,
-                                   lr=cfg.client_lr)
+    w, info = ref.step(w, [int(c) for c in np.asarray(cohort)], loss, grad)
     seen_same |= info["same"] and r > 0
-    state, metrics = round_fn(state, exp.data.train)
+    state, metrics = round_fn(state, data)
     assert float(metrics["server/candidates"][0]) == info["candidates"]
     assert float(metrics["server/fair_guidance"][0]) == float(info["fair"])
-    for a, b in zip(jax.tree.leaves(state.server.params), jax.tree.leaves(params)):
-      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-4)
-    np.testing.assert_allclose(np.asarray(state.server.expected_loss), ref["exp"], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(ravel_pytree(state.server.params)[0]), w,
+                               atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(state.server.expected_loss), ref.exp, rtol=1e-5)
   assert seen_same == (clients == per_round)
+
+
+# Synthetic per-client losses (float64): quadratic + sine bumps; client 5 is flat.
+_P, _C = 6, 7
+_RNG = np.random.default_rng(0)
+_A, _B = _RNG.normal(size=(_C, _P)), _RNG.normal(size=(_C, _P))
+_S, _CC = _RNG.uniform(0.2, 3, _C), _RNG.uniform(0, 2, _C)
+
+
+def _loss(w, i):
+  if i == 5:
+    return 2.0
+  return 0.5 * _S[i] * np.sum((w - _A[i]) ** 2) + _CC[i] * np.sin(_B[i] @ w) + 3.0
+
+
+def _grad(w, i):
+  if i == 5:
+    return np.zeros(_P)
+  return _S[i] * (w - _A[i]) + _CC[i] * np.cos(_B[i] @ w) * _B[i]
+
+
+def test_server_update_matches_public_procedure_on_synthetic_losses():
+  """server_update with a NumPy ``query`` == the public procedure, round by round,
+  across cohorts with padding slots in shuffled order (junk uploads), a
+  zero-gradient client, lr decay and several (K, lr, theta, s): every
+  line-search outcome occurs (accepted, first-decrease and smallest-loss
+  fallbacks), and the forced guidance."""
+  branches, forced = set(), False
+  for k, pad, lr, decay, theta, s in [(3, 0, 0.5, 1.0, 11.25, 5), (3, 2, 0.5, 0.9, 11.25, 5),
+                                      (4, 1, 2.0, 1.0, 11.25, 1), (3, 3, 0.05, 0.95, 5.0, 3),
+                                      (7, 1, 1.0, 1.0, 11.25, 5), (4, 0, 0.3, 1.0, 1.0, 2)]:
+    rng = np.random.default_rng(k * 100 + pad)
+    alg = fedmdfg(None, lambda r: {"w": jnp.zeros(_P)}, num_clients=_C, clients_per_round=k,
+                  client_lr=lr, batch_size=1, lr_decay=decay, theta=theta, s=s)
+    st = alg.init(jax.random.PRNGKey(0))
+    ref = PublicFedMDFG(_C, k, lr, decay, theta, s)
+    for r in range(5):  # later rounds of (7, ...) near stationarity hit float32 limits
+      ids = list(rng.choice(_C, k, replace=False))
+      perm = rng.permutation(k + pad)
+      slots = np.array(ids + [ids[-1]] * pad)[perm]
+      valid = np.array([True] * k + [False] * pad)[perm]
+      w = np.asarray(st.params["w"], np.float64)
+      grads = np.stack([_grad(w, i) if v else rng.normal(size=_P) * 9 for i, v in zip(slots, valid)])
+      losses = np.array([_loss(w, i) if v else 77.0 for i, v in zip(slots, valid)])
+
+      def answer(cand, slots=slots, valid=valid):
+        return np.array([_loss(np.asarray(cand, np.float64), i) if v else 55.0
+                         for i, v in zip(slots, valid)], np.float32)
+
+      query = lambda cand, answer=answer: jax.pure_callback(
+          answer, jax.ShapeDtypeStruct((k + pad,), jnp.float32), cand["w"])
+      info = ServerInfo(jnp.int32(r), jnp.asarray(slots, jnp.int32),
+                        jnp.asarray(valid, jnp.int32), jnp.asarray(valid), query)
+      uploads = {"grad": {"w": jnp.asarray(grads, jnp.float32)},
+                 "loss": jnp.asarray(losses, jnp.float32)}
+      st, m = jax.jit(lambda st, up: alg.server_update(st, up, None, info, None))(st, uploads)
+      w_ref, out = ref.step(w, [int(i) for i in slots[valid]], _loss, _grad)
+      branches.add(out["branch"])
+      forced |= out.get("forced", False)
+      np.testing.assert_allclose(np.asarray(st.params["w"]), w_ref, atol=1e-4, rtol=1e-3)
+      np.testing.assert_allclose(np.asarray(st.expected_loss), ref.exp, rtol=1e-5)
+      if "candidates" in out:
+        assert int(m["candidates"]) == out["candidates"]
+        assert bool(m["fair_guidance"]) == out["fair"]
+      st = st._replace(params={"w": jnp.asarray(w_ref, jnp.float32)})  # continue in step
+  assert {"accepted", "first decrease", "smallest loss"} <= branches, branches
+  assert forced
 
 
 def test_bad_knobs_name_the_config_key():
