@@ -20,6 +20,7 @@ Writes ``<out>/corefed_digits_results.json`` (all histories), PNG plots and
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import time
@@ -88,16 +89,20 @@ def run_one(method: str, seed: int, rounds: int, eval_every: int) -> dict:
 
 
 def throughput(repeats: int = 5, rounds: int = 50,
-               methods: tuple = ("fedavg", "corefed")) -> dict:
+               methods: tuple = ("fedavg", "corefed"), overrides: dict | None = None) -> dict:
   """Median ms/round of FedAvg and CoRe-Fed (same model, cohort, sampler), interleaved.
 
   ``methods`` may add the ablations (refed, cofed, reference) for a per-mechanism
   breakdown; every configuration runs ``rounds`` rounds per repeat, in turn.
+  ``overrides`` (flattened config keys, e.g. ``{"model": "cnn", "local_epochs":
+  5}``) change the setup for every method alike.
   """
   out = {}
   fns = {}
   for method in methods:
     cfg = method_config(method, 0, rounds, 10)
+    if overrides:
+      cfg.update_from_flattened_dict(overrides)
     exp = simulation.build_experiment(cfg)
     rf = make_round(exp.algorithm, exp.sampler, seed=0, mesh=exp.mesh,
                     chunk_size=cfg.chunk_size or None, rounds_per_call=10)
@@ -232,13 +237,25 @@ def main():
   ap.add_argument("--no-throughput", action="store_true")
   ap.add_argument("--repeats", type=int, default=5, help="throughput repeats")
   ap.add_argument("--throughput-methods", default="fedavg,corefed")
+  ap.add_argument("--throughput-set", action="append", default=[], metavar="KEY=VALUE",
+                  help="config override for every throughput configuration (repeatable), "
+                       "e.g. --throughput-set local_epochs=5 --throughput-set model=cnn")
   ap.add_argument("--merge", action="store_true",
                   help="keep the other methods' runs (and throughput) from <out>'s results JSON "
                        "and replace only the runs of --methods x --seeds")
   args = ap.parse_args()
   os.makedirs(args.out, exist_ok=True)
   if args.throughput_only:
-    res = throughput(args.repeats, methods=tuple(args.throughput_methods.split(",")))
+    overrides = {}
+    for kv in args.throughput_set:
+      key, _, val = kv.partition("=")
+      try:
+        overrides[key] = ast.literal_eval(val)
+      except (ValueError, SyntaxError):
+        overrides[key] = val
+    res = throughput(args.repeats, methods=tuple(args.throughput_methods.split(",")),
+                     overrides=overrides)
+    res["overrides"] = overrides
     print(json.dumps(res, indent=1))
     with open(os.path.join(args.out, "corefed_digits_throughput.json"), "w") as f:
       json.dump(res, f, indent=1)
