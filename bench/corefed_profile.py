@@ -38,7 +38,12 @@ from fedjax_sim import simulation  # noqa: E402
 from fedjax_sim.round import init_state, make_round  # noqa: E402
 
 
-def build(method: str, rounds_per_call: int = 10):
+ROUNDS_PER_CALL = 10  # rounds fused per jitted call, as in the driver's throughput()
+
+
+def build(method: str, rounds_per_call: int = ROUNDS_PER_CALL):
+  # method_config's last argument is eval_every; it does not enter the round
+  # program (make_round gets rounds_per_call directly), so any value works.
   cfg = drv.method_config(method, 0, 50, rounds_per_call)
   exp = simulation.build_experiment(cfg)
   rf = make_round(exp.algorithm, exp.sampler, seed=0, mesh=exp.mesh,
@@ -93,7 +98,7 @@ def trace(method: str, calls: int = 10, top: int = 20) -> None:
       part = "gemv [1, P]"
     parts[part] += e["dur"]
     ops[(part, e["name"], shape.split("{")[0])] += e["dur"]
-  rounds = calls * 10
+  rounds = calls * ROUNDS_PER_CALL
   print(f"{method}: leaf thunks {sum(parts.values()) / rounds / 1e3:.3f} ms/round (profiled)")
   for k, t in parts.most_common():
     print(f"  {k:36s} {t / rounds / 1e3:7.3f} ms/round")
@@ -105,10 +110,14 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--methods", default="fedavg,reference,refed,cofed,corefed")
   ap.add_argument("--repeats", type=int, default=7)
-  ap.add_argument("--rounds", type=int, default=50)
+  ap.add_argument("--rounds", type=int, default=50,
+                  help=f"timed rounds per repeat (a multiple of {ROUNDS_PER_CALL})")
   ap.add_argument("--hlo", default="", help="folder for the optimized HLO texts")
   ap.add_argument("--trace", default="", help="profile one method's round by part")
   args = ap.parse_args()
+  if args.rounds <= 0 or args.rounds % ROUNDS_PER_CALL:
+    ap.error(f"--rounds={args.rounds}: must be a positive multiple of {ROUNDS_PER_CALL} "
+             f"(each call runs {ROUNDS_PER_CALL} rounds); e.g. --rounds=50")
   if args.trace:
     trace(args.trace)
     return
@@ -128,7 +137,7 @@ def main():
     for m, e in fns.items():
       rf, st, d = e
       t, c = time.perf_counter(), time.process_time()
-      for _ in range(args.rounds // 10):
+      for _ in range(args.rounds // ROUNDS_PER_CALL):
         st, _ = rf(st, d)
       jax.block_until_ready(st)
       wall[m].append(1e3 * (time.perf_counter() - t) / args.rounds)

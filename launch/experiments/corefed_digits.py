@@ -11,11 +11,18 @@ disparity of the global model over all 100 clients' training splits).
   python launch/experiments/corefed_digits.py                      # the report (~15 min)
   python launch/experiments/corefed_digits.py --rounds 20 --seeds 0 --out /tmp/x  # smoke
   python launch/experiments/corefed_digits.py --throughput-only    # time/round ratio only
+  python launch/experiments/corefed_digits.py --throughput-only --throughput-set local_epochs=5
+      # -> corefed_digits_throughput_local_epochs5.json (--tag NAME to choose the suffix)
+  python launch/experiments/corefed_digits.py --report-only        # tables/plots from the JSON
   python launch/experiments/corefed_digits.py --methods fedmdfg --merge  # add/redo one method
   python launch/experiments/corefed_digits.py --methods fedmdfg_strict --merge --no-throughput
 
 Writes ``<out>/corefed_digits_results.json`` (all histories), PNG plots and
-``corefed_digits_table.md`` (the tables the report quotes).
+``corefed_digits_table.md`` (the tables the report quotes). ``--throughput-only``
+writes ``<out>/corefed_digits_throughput[_TAG].json`` instead, TAG from ``--tag``
+or, by default, from the ``--throughput-set`` overrides and a non-default
+``--throughput-methods`` list, so runs of different setups never overwrite
+each other.
 """
 from __future__ import annotations
 
@@ -131,6 +138,8 @@ def throughput(repeats: int = 5, rounds: int = 50,
   res["ratio"] = res["corefed"] / res["fedavg"]
   res["ratio_of_minima"] = float(np.min(out["corefed"]) / np.min(out["fedavg"]))
   res["samples_ms"] = out
+  res["measured_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+  res["repeats"], res["rounds"] = repeats, rounds
   return res
 
 
@@ -204,26 +213,47 @@ def table(runs, tp, skew, out_dir, rounds) -> str:
   lines = [f"Final metrics (mean of the evaluations at the last 5 x {runs[0]['history'][1]['round'] - runs[0]['history'][0]['round']} rounds up to round {rounds}; "
            f"mean +- std over seeds {sorted({r['seed'] for r in runs})}).", "",
            "| method | test acc | client acc mean | worst-10% | acc std | D_Cosine (rad) | "
-           "D_Manhattan (pp) | Jain | repr. disparity | ms/round |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "D_Manhattan (pp) | Jain | repr. disparity |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for m, s in stats.items():
-    ms = np.mean([r["ms_per_round"] for r in runs if r["method"] == m])
     cells = [f"{s[k][0]:.4f} +- {s[k][1]:.4f}" if k not in ("d_manhattan",) else
              f"{s[k][0]:.1f} +- {s[k][1]:.1f}" for k in KEYS]
-    lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + f" | {ms:.1f} |")
+    lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
+  # No time column: the runs' wall times (ms_per_round in the JSON, evaluation
+  # included) come from different sessions and machine loads; time is compared
+  # only in the interleaved throughput measurement.
   if skew:
     lines += ["", f"Participation skew over {rounds} rounds (sampler frequencies): most available "
               f"10% of clients join {skew['top10_mean']:.3f} of rounds, least available 10% "
               f"{skew['bottom10_mean']:.3f} (ratio {skew['ratio_top10_bottom10']:.1f}x; "
               f"p90/p10 {skew['p90_over_p10']:.1f}x; min {skew['min']:.3f}, max {skew['max']:.3f})."]
   if tp:
-    lines += ["", f"Throughput (median of {len(tp['samples_ms']['fedavg'])} interleaved repeats "
-              f"of 50 rounds, 10 fused per call): FedAvg {tp['fedavg']:.2f} ms/round, CoRe-Fed "
-              f"{tp['corefed']:.2f} ms/round, ratio {tp['ratio']:.2f}x."]
+    when = (f"measured {tp['measured_at']}" if "measured_at" in tp else
+            "measured with an earlier run of this driver, date not recorded")
+    lines += ["", f"Throughput stored with these runs ({when}; median of "
+              f"{len(tp['samples_ms']['fedavg'])} interleaved repeats of 50 rounds, 10 fused per "
+              f"call): FedAvg {tp['fedavg']:.2f} ms/round, CoRe-Fed {tp['corefed']:.2f} ms/round, "
+              f"ratio {tp['ratio']:.2f}x. The report quotes the later quiet-machine "
+              "measurement in corefed_digits_throughput*.json."]
   text = "\n".join(lines) + "\n"
   with open(os.path.join(out_dir, "corefed_digits_table.md"), "w") as f:
     f.write(text)
   return text
+
+
+def throughput_filename(tag, overrides: dict, methods: list) -> str:
+  """corefed_digits_throughput[_TAG].json; TAG defaults to the overrides and methods.
+
+  >>> throughput_filename(None, {"local_epochs": 5}, ["fedavg", "corefed"])
+  'corefed_digits_throughput_local_epochs5.json'
+  """
+  if tag is None:
+    parts = [f"{k.split('.')[-1]}{v}" for k, v in sorted(overrides.items())]
+    if list(methods) != ["fedavg", "corefed"]:
+      parts.append("-".join(methods))
+    tag = "_".join(parts)
+  safe = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in tag)
+  return f"corefed_digits_throughput{'_' + safe if safe else ''}.json"
 
 
 def main():
@@ -240,6 +270,11 @@ def main():
   ap.add_argument("--throughput-set", action="append", default=[], metavar="KEY=VALUE",
                   help="config override for every throughput configuration (repeatable), "
                        "e.g. --throughput-set local_epochs=5 --throughput-set model=cnn")
+  ap.add_argument("--tag", default=None,
+                  help="suffix of the throughput JSON (default: from --throughput-set and a "
+                       "non-default --throughput-methods)")
+  ap.add_argument("--report-only", action="store_true",
+                  help="rewrite the table and plots from <out>'s results JSON, running nothing")
   ap.add_argument("--merge", action="store_true",
                   help="keep the other methods' runs (and throughput) from <out>'s results JSON "
                        "and replace only the runs of --methods x --seeds")
@@ -256,9 +291,19 @@ def main():
     res = throughput(args.repeats, methods=tuple(args.throughput_methods.split(",")),
                      overrides=overrides)
     res["overrides"] = overrides
+    res["methods"] = args.throughput_methods.split(",")
     print(json.dumps(res, indent=1))
-    with open(os.path.join(args.out, "corefed_digits_throughput.json"), "w") as f:
+    path = os.path.join(args.out, throughput_filename(args.tag, overrides, res["methods"]))
+    with open(path, "w") as f:
       json.dump(res, f, indent=1)
+    print(f"wrote {path}")
+    return
+  if args.report_only:
+    with open(os.path.join(args.out, "corefed_digits_results.json")) as f:
+      old = json.load(f)
+    plot(old["runs"], args.out)
+    print(table(old["runs"], old.get("throughput"), old.get("participation_skew"), args.out,
+                old["runs"][0]["history"][-1]["round"]))
     return
   seeds = [int(s) for s in args.seeds.split(",")]
   runs = []
