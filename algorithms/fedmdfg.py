@@ -48,17 +48,27 @@ the old cosine is divided by the SUM of the losses instead of their L2 norm,
 which makes the cosine test pass for any candidate with two or more positive
 losses. ``strict=True`` uses the textbook Armijo sign (still with the
 rescaled gradients in c) and the L2 norm on both sides. [ours] where the
-released code would divide by zero, the round keeps w: a zero min-norm point
-(Pareto-stationary gradients), or a zero fair-guidance vector h (one live
-client, or all live losses equal, with the guidance forced on). When no step
+released code would divide by zero, the round keeps w (no line search, eta =
+0, ``candidates`` = 0): a zero min-norm point (Pareto-stationary gradients,
+e.g. two exactly opposite ones), or a zero fair-guidance vector h with the
+guidance on (forced: one live client, or all live losses equal). ||h|| is
+the sine of the angle between l and u; below 1e-5 (float32 rounding of equal
+losses) it counts as zero. Such a round still advances ALL the bookkeeping,
+as the released code does at the end of every round with a live client: the
+expected losses and join counts, and last round's ids, live mask and
+gradients (the historical rows of the next round). Only a round without any
+live client keeps the last round's rows (the released code returns before
+storing them; its expected losses still advance). When no step
 passes and a candidate's loss is NaN, the fallbacks skip it (the released
 code's ``np.argmin`` would pick it).
 
 Per-client bookkeeping lives in server arrays: expected loss [C], join
 count [C], last round's ids, live mask and rescaled gradients [K, P] (P =
-number of parameters). Communication: each candidate step costs one scalar
-per client up (its loss) and one down (eta, once d was broadcast);
-``server/comm/*`` report the exact counts.
+number of parameters), so the padded cohort the server update receives must
+have at least K slots. Communication per real cohort client: P + 1 up (g_i,
+l_i) and P down (w); when the line search runs, d (P) down once, then per
+candidate eta one scalar down and one loss up. ``server/comm/*`` report
+these exact counts (a round that keeps w sends no d).
 
 Axis legend: C clients, K cohort, N examples, B batch, P parameters.
 """
@@ -188,7 +198,14 @@ def fedmdfg(apply_fn: Callable, init_params: Callable[[jax.Array], PyTree], *,
   ``comm/broadcast_scalars``.
 
   Raises:
-    ValueError: theta outside (0, 90), s < 0 or not an integer, K < 1.
+    ValueError: at build time, theta outside (0, 90), s < 0 or not an integer,
+      K < 1. While tracing ``client_update``: client arrays whose row count N
+      is not a multiple of ``batch_size`` (pack with ``multiple=batch_size``).
+      While tracing ``server_update``: no second client phase
+      (``info.query`` is None; run the round through
+      ``fedjax_sim.round.make_round``), or a padded cohort with fewer than K
+      slots (``info.valid.shape[0] < clients_per_round``; e.g.
+      ``check_algorithm`` without ``clients_per_round=K``).
   """
   if not 0.0 < theta < 90.0:
     raise ValueError(f"FedMDFG theta={theta} must be an angle in degrees in (0, 90) "
@@ -244,6 +261,12 @@ def fedmdfg(apply_fn: Callable, init_params: Callable[[jax.Array], PyTree], *,
 
   def server_update(st, uploads, weights, info, rng):
     del weights, rng
+    slots = info.valid.shape[0]
+    if slots < K:
+      raise ValueError(f"FedMDFG was built with clients_per_round={K} (its state keeps "
+                       f"[{K}]-shaped last-round arrays) but the server update got a cohort of "
+                       f"{slots} slots; pass clients_per_round={K} to check_algorithm, or "
+                       "build FedMDFG with the sampler's clients_per_round (K).")
     if info.query is None:
       raise ValueError("FedMDFG's line search needs the round's second client phase "
                        "(ServerInfo.query); run it through fedjax_sim.round.make_round.")
@@ -288,7 +311,9 @@ def fedmdfg(apply_fn: Callable, init_params: Callable[[jax.Array], PyTree], *,
                                (jnp.linalg.norm(a, axis=1) + 1e-6))[:, None]
     gq = keep_norm(g)
     h = (u @ l_hat) * l_hat - u
-    h = h / jnp.maximum(jnp.linalg.norm(h), _TINY)
+    h_norm = jnp.linalg.norm(h)  # sin(angle); 0 for one live client or equal losses
+    zero_fair = fair_on & (h_norm < 1e-5)
+    h = jnp.where(zero_fair, 0.0, h / jnp.maximum(h_norm, _TINY))
     rows = jnp.concatenate([gq, (h @ gq)[None], keep_norm(st.last_grads)])  # [2K+1, P]
     row_mask = jnp.concatenate([live, fair_on[None], hist])
     lam = min_norm_element(rows, row_mask, qp_iters)
@@ -307,7 +332,7 @@ def fedmdfg(apply_fn: Callable, init_params: Callable[[jax.Array], PyTree], *,
       return jnp.where(big, dd / 2.0, d0), ~big
 
     d, _ = jax.lax.while_loop(lambda c: ~c[1] & ascent(c[0]), halve, (d1, jnp.bool_(False)))
-    moved = any_live & (d0_norm > _TINY)
+    moved = any_live & ~zero_fair & (d0_norm > _TINY)
     d = jnp.where(moved, d, 0.0)
     scale = jnp.where(moved, jnp.linalg.norm(d) / jnp.maximum(d0_norm, _TINY), 1.0)
 
@@ -349,6 +374,7 @@ def fedmdfg(apply_fn: Callable, init_params: Callable[[jax.Array], PyTree], *,
     eta = jnp.where(moved, eta, 0.0)
     params = jax.tree.map(lambda p, dd: p - eta * dd, st.params, d_tree)
 
+    # bookkeeping advances whenever a client is live, also when w is kept
     keep = lambda new, old: jnp.where(any_live, new, old)
     new_state = FedMDFGState(params, expected_loss, join_count, keep(ids, st.last_ids),
                              keep(live, st.last_live), keep(g, st.last_grads))
@@ -358,8 +384,9 @@ def fedmdfg(apply_fn: Callable, init_params: Callable[[jax.Array], PyTree], *,
         "step_size": eta, "step_multiplier": eta / base, "candidates": n_eval,
         "fair_guidance": fair_on, "fairness_angle": angle, "same_cohort": same_cohort,
         "live_clients": n_live, "update_norm": eta * jnp.linalg.norm(d),
+        # up: g_i, l_i, one loss per candidate; down: w, d if any candidate ran, each eta
         "comm/upload_scalars": nv * (n_params + 1 + n_eval),
-        "comm/broadcast_scalars": nv * (2 * n_params + n_eval),
+        "comm/broadcast_scalars": nv * (n_params * (1 + (n_eval > 0)) + n_eval),
     }
     return new_state, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
 
@@ -370,8 +397,24 @@ def fedmdfg(apply_fn: Callable, init_params: Callable[[jax.Array], PyTree], *,
 
 
 def build_fedmdfg(cfg, apply_fn, init_params) -> FederatedAlgorithm:
-  """Registry builder: knobs from ``cfg.fedmdfg`` (theta, s, beta, strict, qp_iters),
-  lr from ``cfg.client_lr`` and ``cfg.lr_decay``, K from ``cfg.clients_per_round``."""
+  """Registry builder for ``--config.algorithm=fedmdfg``.
+
+  Args:
+    cfg: the experiment ConfigDict. Reads ``cfg.fedmdfg.{theta, s, beta,
+      strict, qp_iters}`` (each defaults to :func:`fedmdfg`'s value when the
+      key or the ``fedmdfg`` block is absent), ``cfg.client_lr``,
+      ``cfg.lr_decay``, ``cfg.batch_size``, ``cfg.clients_per_round`` (K) and
+      ``cfg.data.num_clients`` (C).
+    apply_fn: ``(params, x [B, ...]) -> logits [B, L]``.
+    init_params: ``rng -> params``.
+
+  Returns:
+    The FedMDFG FederatedAlgorithm.
+
+  Raises:
+    ValueError: from :func:`fedmdfg`: ``fedmdfg.theta`` outside (0, 90),
+      ``fedmdfg.s`` negative or not an integer, ``clients_per_round`` < 1.
+  """
   k = cfg.get("fedmdfg", None) if hasattr(cfg, "get") else None
   get = (lambda n, d: k.get(n, d)) if k is not None else (lambda n, d: d)
   return fedmdfg(apply_fn, init_params, num_clients=cfg.data.num_clients,

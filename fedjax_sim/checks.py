@@ -39,6 +39,12 @@ _TRACING_ERRORS = (jax.errors.ConcretizationTypeError, jax.errors.TracerBoolConv
                    jax.errors.UnexpectedTracerError)
 
 
+def _first_line(err: BaseException) -> str:
+  """The first non-empty line of an exception's message (the whole error stays chained)."""
+  lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+  return lines[0] if lines else type(err).__name__
+
+
 def _shapes(tree):
   return jax.tree.map(lambda a: (tuple(a.shape), jnp.dtype(a.dtype)), tree)
 
@@ -61,13 +67,20 @@ def check_algorithm(algorithm: FederatedAlgorithm, state: Any, data: ClientData,
     algorithm: the algorithm (single pool; pooled algorithms are checked per pool).
     state: a SimState from ``init_state``.
     data: ClientData [C, N, ...].
-    clients_per_round: K, the stacked cohort size the server update is traced with.
+    clients_per_round: K, the stacked cohort size the server update is traced
+      with. Pass the sampler's K (``sampler.clients_per_round``) for
+      algorithms whose server state has [K]-shaped arrays (FedMDFG); the
+      default 2 suits algorithms that accept any cohort size.
 
   Raises:
     AlgorithmError: a non-array in a state; Python control flow or shapes that
       depend on a client's values; a client update that changes the shape of
       the client state; non-scalar metrics; a server update that changes the
-      server state's structure.
+      server state's structure; a ValueError or TypeError raised while
+      tracing ``client_update`` (e.g. data shapes it rejects) or
+      ``server_update`` (e.g. a cohort of ``clients_per_round`` slots that
+      does not match the K the algorithm was built with), with the original
+      message.
   """
   _non_arrays(state.server, "server state")
   _non_arrays(state.clients, "client state")
@@ -88,7 +101,15 @@ def check_algorithm(algorithm: FederatedAlgorithm, state: Any, data: ClientData,
         "array, or a tracer stored outside the function). Every client runs the same "
         "program under vmap: use jnp.where / lax.cond for branches, masks for sizes, and "
         f"return values instead of storing them. See {GUIDE}, 'The contract'. JAX said: "
-        f"{str(err).splitlines()[0]}") from err
+        f"{_first_line(err)}") from err
+  except AlgorithmError:
+    raise
+  except (ValueError, TypeError) as err:
+    raise AlgorithmError(
+        f"client_update of '{algorithm.name}' raised {type(err).__name__} when traced with one "
+        f"client's data {_shapes(cdata)}: {_first_line(err).rstrip('.')}. Fix the data "
+        f"layout or the algorithm's settings the message names. See {GUIDE}, 'The contract'."
+    ) from err
   if _shapes(new_cstate) != _shapes(cstate):
     raise AlgorithmError(
         f"client_update of '{algorithm.name}' returns a client state of shapes "
@@ -111,7 +132,17 @@ def check_algorithm(algorithm: FederatedAlgorithm, state: Any, data: ClientData,
   except _TRACING_ERRORS as err:
     raise AlgorithmError(
         f"server_update of '{algorithm.name}' uses array values as Python values; see {GUIDE}, "
-        f"'The contract'. JAX said: {str(err).splitlines()[0]}") from err
+        f"'The contract'. JAX said: {_first_line(err)}") from err
+  except AlgorithmError:
+    raise
+  except (ValueError, TypeError) as err:
+    raise AlgorithmError(
+        f"server_update of '{algorithm.name}' raised {type(err).__name__} when traced with a "
+        f"cohort of {k} slots (check_algorithm's clients_per_round={clients_per_round}): "
+        f"{_first_line(err).rstrip('.')}. If the algorithm was built for another cohort size "
+        "K, call check_algorithm(..., clients_per_round=K) with the sampler's K "
+        f"(sampler.clients_per_round); otherwise fix the server update. See {GUIDE}, "
+        "'The contract'.") from err
   if _shapes(new_server) != _shapes(state.server):
     raise AlgorithmError(
         f"server_update of '{algorithm.name}' changes the server state's structure or shapes "

@@ -14,6 +14,14 @@ server metrics ``comm/upload_scalars`` / ``comm/broadcast_scalars``
 Per round: ``upload = sum over cohort clients of upload_per_client`` and
 ``broadcast = K * broadcast_per_client`` (each selected client receives the
 broadcast once; padding slots of the cohort are not counted).
+
+Assumption: one exchange per round (the broadcast down, the client update's
+upload up). A second client phase (``client_query`` / ``ServerInfo.query``)
+is NOT in these counts: how often it runs is data-dependent. FedMDFG
+(``algorithms/fedmdfg.py``) counts here P down (w) and P + 1 up (g_i, l_i)
+per client, a lower bound; its server metrics give the exact per-round
+numbers, which add d (P down, only when its line search runs) and one eta
+down and one loss up per line-search candidate.
 """
 from __future__ import annotations
 
@@ -55,6 +63,8 @@ def round_comm(algorithm: FederatedAlgorithm, data: ClientData,
       ignored for pooled ones (each pool's ``clients_per_round``).
 
   Returns:
+    Counts for one broadcast and one upload per client (a second client phase
+    through ``client_query`` is not included; see the module docstring):
     ``upload_scalars_per_client``, ``broadcast_scalars_per_client`` (ints;
     for pooled algorithms the K-weighted mean over pools), ``upload_scalars``
     and ``broadcast_scalars`` per round (ints), and for pooled algorithms

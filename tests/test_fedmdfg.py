@@ -73,6 +73,7 @@ class PublicFedMDFG:
         increase += 1
       self.count[i] += 1
     forced = 0 < increase < self.k
+    kept = lambda branch, fair: (w, {"branch": branch, "fair": fair, "candidates": 0})
     hist = None
     if self.last is not None:
       gone = [j for j, i in enumerate(self.last[0]) if i not in ids]
@@ -80,10 +81,12 @@ class PublicFedMDFG:
     same = hist is None
     norms = np.linalg.norm(G, axis=1)
     live = np.flatnonzero(norms > 1e-6)
-    if live.size == 0:
-      return w, {"branch": "no live client"}
+    if live.size == 0:  # the public code returns before storing last round's rows
+      return kept("no live client", False)
     G, l, norms = G[live], l[live], norms[live]
     G = G / norms[:, None] * norms.mean()
+    # The public code stores these after its step; a round that keeps w stores them too.
+    self.last = (list(np.asarray(ids)[live]), G)
     u = np.ones(live.size) / np.sqrt(live.size)
     l_hat = l / np.linalg.norm(l)
     fair = np.degrees(np.arccos(np.clip(l_hat @ u, -1, 1))) > self.theta or forced
@@ -91,13 +94,15 @@ class PublicFedMDFG:
     rows = [keep_norm(G)]
     if fair:
       h = (u @ l_hat) * l_hat - u
-      if np.linalg.norm(h) < 1e-12:  # the public code divides 0/0 here; ours keeps w
-        return w, {"branch": "zero fair vector", "fair": True}
+      if np.linalg.norm(h) < 1e-5:  # the public code divides 0/0 here; ours keeps w
+        return kept("zero fair vector", True)
       rows.append((h / np.linalg.norm(h)) @ rows[0][None])
     if hist is not None:
       rows.append(keep_norm(hist))
     V = np.concatenate(rows)
     d0 = qp_reference(V)
+    if np.linalg.norm(d0) < 1e-12:  # Pareto-stationary; the public code divides 0/0; ours keeps w
+      return kept("zero min-norm point", fair)
     d = d0 / np.linalg.norm(d0) * np.linalg.norm(G.mean(0))
     while np.max(-(V @ d)) > 1e-6:
       if np.linalg.norm(d) > 2 * np.linalg.norm(d0):
@@ -122,7 +127,6 @@ class PublicFedMDFG:
       dec = [e for e, tot in tried if tot < l.sum()]
       branch = "first decrease" if dec else "smallest loss"
       eta = dec[0] if dec else tried[int(np.argmin([t for _, t in tried]))][0]
-    self.last = (list(np.asarray(ids)[live]), G)
     return w - eta * d, {"branch": branch, "fair": fair, "same": same, "forced": forced,
                          "candidates": len(tried)}
 
@@ -233,6 +237,102 @@ def test_server_update_matches_public_procedure_on_synthetic_losses():
       st = st._replace(params={"w": jnp.asarray(w_ref, jnp.float32)})  # continue in step
   assert {"accepted", "first decrease", "smallest loss"} <= branches, branches
   assert forced
+
+
+# Losses that reach the rounds which keep w (float64): 0 and 1 have exactly opposite
+# gradients at w = 0; 2 is flat (never live); 3 and 4 have equal losses at w = 0.
+_KA, _KB, _KE = np.array([0.5, -1.0, 0.0, 1.0]), np.array([1.0, 2.0, 0.0, 0.0]), \
+    np.array([2.0, 1.0, 0.0, 0.0])
+_KEPT_CENTERS = {0: (_KA, 1.0), 1: (-_KA, 1.0), 3: (_KB, 3.0), 4: (_KE, 3.0)}
+
+
+def _kept_loss(w, i):
+  if i == 2:
+    return 2.0
+  a, c = _KEPT_CENTERS[i]
+  return 0.5 * np.sum((w - a) ** 2) + c
+
+
+def _kept_grad(w, i):
+  return np.zeros_like(w) if i == 2 else w - _KEPT_CENTERS[i][0]
+
+
+@pytest.mark.parametrize("scenario,rounds", [
+    # round 1: rows g_0 = -g_1, min-norm point 0; round 2 uses g_1 (round 1) as a historical row
+    ("opposite gradients", [(0.0 * _KB, [0, 1], "zero min-norm point"),
+                            (np.array([1.0, 0.0, 1.0, 0.0]), [0, 3], None)]),
+    # round 2: client 3 above its expected loss, 2 not: guidance forced with one live client
+    ("one live client", [(0.0 * _KB, [3, 2], None), (-_KE, [3, 2], "zero fair vector"),
+                         (0.5 * _KB, [4, 2], None)]),
+    # round 2: equal losses 5.5, 5.5; 3 above its expected 4.6, 4 below its 6.4: forced
+    ("equal losses", [(1.8 * _KB, [3, 4], None), (0.0 * _KB, [3, 4], "zero fair vector"),
+                      (0.5 * _KB, [3, 0], None)]),
+])
+def test_rounds_that_keep_w_still_advance_the_bookkeeping(scenario, rounds):
+  """A zero min-norm point or a zero fair vector (guidance on) keeps w, runs no
+  line search and still stores the round's ids and gradients for the next
+  round's historical rows, as the NumPy reference of the public code does; the
+  next round's step (which uses those rows) matches the reference."""
+  k = 2
+  alg = fedmdfg(None, lambda r: {"w": jnp.zeros(4)}, num_clients=5, clients_per_round=k,
+                client_lr=0.5, batch_size=1)
+  st = alg.init(jax.random.PRNGKey(0))
+  ref = PublicFedMDFG(5, k, 0.5)
+  for r, (w, ids, want_branch) in enumerate(rounds):
+    st = st._replace(params={"w": jnp.asarray(w, jnp.float32)})
+    w = np.asarray(st.params["w"], np.float64)
+
+    def answer(cand, ids=ids):
+      return np.array([_kept_loss(np.asarray(cand, np.float64), i) for i in ids], np.float32)
+
+    query = lambda cand, answer=answer: jax.pure_callback(
+        answer, jax.ShapeDtypeStruct((k,), jnp.float32), cand["w"])
+    info = ServerInfo(jnp.int32(r), jnp.asarray(ids, jnp.int32), jnp.ones((k,), jnp.int32),
+                      jnp.ones((k,), bool), query)
+    uploads = {"grad": {"w": jnp.asarray([_kept_grad(w, i) for i in ids], jnp.float32)},
+               "loss": jnp.asarray([_kept_loss(w, i) for i in ids], jnp.float32)}
+    st, m = jax.jit(lambda st, up: alg.server_update(st, up, None, info, None))(st, uploads)
+    w_ref, out = ref.step(w, ids, _kept_loss, _kept_grad)
+    if want_branch is not None:
+      assert out["branch"] == want_branch, (scenario, r, out)
+      np.testing.assert_array_equal(np.asarray(st.params["w"]), np.asarray(w, np.float32))
+      assert float(m["step_size"]) == 0.0 and float(m["update_norm"]) == 0.0
+      assert float(m["comm/broadcast_scalars"]) == k * 4  # w only: no d, no eta
+    else:
+      assert out["branch"] not in ("zero min-norm point", "zero fair vector"), out
+    assert int(m["candidates"]) == out["candidates"]
+    assert bool(m["fair_guidance"]) == out["fair"]
+    np.testing.assert_allclose(np.asarray(st.params["w"]), w_ref, atol=1e-4, rtol=1e-3)
+    np.testing.assert_allclose(np.asarray(st.expected_loss), ref.exp, rtol=1e-5)
+    live = np.asarray(st.last_live)
+    assert [int(i) for i in np.asarray(st.last_ids)[live]] == [int(i) for i in ref.last[0]]
+    np.testing.assert_allclose(np.asarray(st.last_grads)[live], ref.last[1], rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_check_algorithm_names_clients_per_round():
+  """FedMDFG's state is [K]-shaped: check_algorithm with a cohort other than K
+  fails with an AlgorithmError that says so, and passes with K."""
+  from fedjax_sim.checks import AlgorithmError, check_algorithm
+  cfg = tiny_config(algorithm="fedmdfg", clients_per_round=5)
+  exp = build_experiment(cfg)
+  state = init_state(exp.algorithm, exp.sampler, cfg.data.num_clients, seed=0, mesh=exp.mesh)
+  with pytest.raises(AlgorithmError, match=r"clients_per_round=5.*cohort of 2 slots") as err:
+    check_algorithm(exp.algorithm, state, exp.data.train)  # the default 2
+  assert "check_algorithm(..., clients_per_round=K)" in str(err.value)
+  check_algorithm(exp.algorithm, state, exp.data.train, clients_per_round=5)
+  check_algorithm(exp.algorithm, state, exp.data.train, clients_per_round=8)  # padded cohort
+
+
+def test_server_update_rejects_a_cohort_smaller_than_k():
+  alg = fedmdfg(None, lambda r: {"w": jnp.zeros(3)}, num_clients=6, clients_per_round=4,
+                client_lr=0.1, batch_size=1)
+  st = alg.init(jax.random.PRNGKey(0))
+  info = ServerInfo(jnp.int32(0), jnp.arange(3), jnp.ones(3, jnp.int32), jnp.ones(3, bool),
+                    lambda cand: jnp.zeros(3))
+  uploads = {"grad": {"w": jnp.ones((3, 3))}, "loss": jnp.ones(3)}
+  with pytest.raises(ValueError, match=r"clients_per_round=4.*3 slots"):
+    alg.server_update(st, uploads, None, info, None)
 
 
 def test_bad_knobs_name_the_config_key():
