@@ -38,7 +38,9 @@ def _load(name):
 
 
 @pytest.mark.parametrize("name,dataset", [("fedavg_fmnist", "fashion_mnist"),
-                                          ("fedavg_cifar10", "cifar10")])
+                                          ("fedavg_cifar10", "cifar10"),
+                                          ("corefed_fmnist", "fashion_mnist"),
+                                          ("corefed_cifar10", "cifar10")])
 def test_tfds_configs_run_on_mock_data(tmp_path, name, dataset):
   import tensorflow_datasets as tfds
   from fedjax_sim.simulation import train_and_evaluate
@@ -55,3 +57,47 @@ def test_default_config_is_the_issue_setup():
   cfg = _load("fedavg_digits").get_config()
   assert (cfg.algorithm, cfg.data.dataset, cfg.data.num_clients, cfg.clients_per_round,
           cfg.data.partition, cfg.data.alpha) == ("fedavg", "digits", 100, 20, "dirichlet", 0.5)
+
+
+@pytest.mark.parametrize("dataset", ["fmnist", "cifar10"])
+def test_corefed_configs_are_the_papers_setup(dataset):
+  """The CoRe-Fed paper's setup (SPEC.md): 100 clients, 20 per round, Dir(0.5),
+  batch 50, E = 1, unequal participation."""
+  cfg = _load(f"corefed_{dataset}").get_config()
+  assert (cfg.algorithm, cfg.sampler, cfg.data.num_clients, cfg.clients_per_round,
+          cfg.data.partition, cfg.data.alpha, cfg.batch_size, cfg.local_epochs) == (
+              "corefed", "availability", 100, 20, "dirichlet", 0.5, 50, 1)
+
+
+def test_corefed_ablation_variants_and_grid():
+  ablation = _load("corefed_ablation")
+  expect = {"corefed": ("corefed", False), "refed": ("refed", False),
+            "cofed": ("cofed", False), "reference": ("corefed", True),
+            "fedavg": ("fedavg", False), "qffl": ("qffl", False),
+            "fedmdfg": ("fedmdfg", False)}
+  assert set(ablation.VARIANTS) == set(expect)
+  for dataset in ("digits", "fmnist", "cifar10"):
+    base = _load(f"corefed_{dataset}").get_config()
+    for variant, (algorithm, reference) in expect.items():
+      cfg = ablation.get_config(f"{dataset}:{variant}")
+      assert cfg.algorithm == algorithm, (dataset, variant)
+      assert bool(cfg.corefed.reference_code) == reference, (dataset, variant)
+      # Only the method changes: data, cohort and optimizer are the dataset's.
+      assert (cfg.data.dataset, cfg.clients_per_round, cfg.batch_size, cfg.client_lr) == (
+          base.data.dataset, base.clients_per_round, base.batch_size, base.client_lr)
+  assert sorted(ablation.GRID) == [(0.5, 0.5), (0.5, 2.0), (2.0, 0.5), (2.0, 2.0)]
+  for bad in ("mnist:corefed", "digits:fedprox"):
+    with pytest.raises(ValueError, match="must be"):
+      ablation.get_config(bad)
+
+
+def test_corefed_digits_config_has_skewed_participation():
+  """The issue's digits setup: some clients participate about 5x more than others."""
+  import numpy as np
+  from fedjax_sim import sampling
+  cfg = _load("corefed_digits").get_config()
+  assert (cfg.algorithm, cfg.data.dataset, cfg.data.num_clients, cfg.clients_per_round,
+          cfg.data.alpha) == ("corefed", "digits", 100, 20, 0.5)
+  f = np.sort(sampling.participation_frequencies(
+      sampling.build_sampler(cfg, cfg.data.num_clients), 300, seed=0))
+  assert f[-10:].mean() / f[:10].mean() >= 5.0
