@@ -50,7 +50,8 @@ losses. ``strict=True`` uses the textbook Armijo sign (still with the
 rescaled gradients in c) and the L2 norm on both sides. [ours] where the
 released code would divide by zero, the round keeps w (no line search, eta =
 0, ``candidates`` = 0): a zero min-norm point (Pareto-stationary gradients,
-e.g. two exactly opposite ones), or a zero fair-guidance vector h with the
+e.g. two exactly opposite ones; below 1e-5 times the rows' common norm, since
+float32 reaches 0 only up to rounding), or a zero fair-guidance vector h with the
 guidance on (forced: one live client, or all live losses equal). ||h|| is
 the sine of the angle between l and u; below 1e-5 (float32 rounding of equal
 losses) it counts as zero. Such a round still advances ALL the bookkeeping,
@@ -332,7 +333,9 @@ def fedmdfg(apply_fn: Callable, init_params: Callable[[jax.Array], PyTree], *,
       return jnp.where(big, dd / 2.0, d0), ~big
 
     d, _ = jax.lax.while_loop(lambda c: ~c[1] & ascent(c[0]), halve, (d1, jnp.bool_(False)))
-    moved = any_live & ~zero_fair & (d0_norm > _TINY)
+    # A zero min-norm point (Pareto-stationary rows) up to float32 rounding:
+    # relative to the rows' common norm, as for h above.
+    moved = any_live & ~zero_fair & (d0_norm > 1e-5 * mean_norm)
     d = jnp.where(moved, d, 0.0)
     scale = jnp.where(moved, jnp.linalg.norm(d) / jnp.maximum(d0_norm, _TINY), 1.0)
 

@@ -115,12 +115,12 @@ def main():
   ap.add_argument("--hlo", default="", help="folder for the optimized HLO texts")
   ap.add_argument("--trace", default="", help="profile one method's round by part")
   args = ap.parse_args()
-  if args.rounds <= 0 or args.rounds % ROUNDS_PER_CALL:
-    ap.error(f"--rounds={args.rounds}: must be a positive multiple of {ROUNDS_PER_CALL} "
-             f"(each call runs {ROUNDS_PER_CALL} rounds); e.g. --rounds=50")
   if args.trace:
     trace(args.trace)
     return
+  if args.rounds <= 0 or args.rounds % ROUNDS_PER_CALL:
+    ap.error(f"--rounds={args.rounds}: must be a positive multiple of {ROUNDS_PER_CALL} "
+             f"(each call runs {ROUNDS_PER_CALL} rounds); e.g. --rounds=50")
   methods = args.methods.split(",")
   fns = {}
   for m in methods:

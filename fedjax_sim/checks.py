@@ -102,7 +102,7 @@ def check_algorithm(algorithm: FederatedAlgorithm, state: Any, data: ClientData,
         "program under vmap: use jnp.where / lax.cond for branches, masks for sizes, and "
         f"return values instead of storing them. See {GUIDE}, 'The contract'. JAX said: "
         f"{_first_line(err)}") from err
-  except AlgorithmError:
+  except FedSimError:  # our own errors already name the problem and the fix
     raise
   except (ValueError, TypeError) as err:
     raise AlgorithmError(
@@ -133,7 +133,7 @@ def check_algorithm(algorithm: FederatedAlgorithm, state: Any, data: ClientData,
     raise AlgorithmError(
         f"server_update of '{algorithm.name}' uses array values as Python values; see {GUIDE}, "
         f"'The contract'. JAX said: {_first_line(err)}") from err
-  except AlgorithmError:
+  except FedSimError:  # our own errors already name the problem and the fix
     raise
   except (ValueError, TypeError) as err:
     raise AlgorithmError(
