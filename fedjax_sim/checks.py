@@ -45,6 +45,20 @@ def _first_line(err: BaseException) -> str:
   return lines[0] if lines else type(err).__name__
 
 
+def _eval_shape(fn, args, tracing_msg, other_msg):
+  """jax.eval_shape(fn, *args); JAX's value-as-Python-value errors become an
+  AlgorithmError with ``tracing_msg + "JAX said: ..."``, other ValueErrors and
+  TypeErrors one with ``other_msg(err)``; our own FedSimErrors pass through."""
+  try:
+    return jax.eval_shape(fn, *args)
+  except _TRACING_ERRORS as err:
+    raise AlgorithmError(f"{tracing_msg} JAX said: {_first_line(err)}") from err
+  except FedSimError:  # our own errors already name the problem and the fix
+    raise
+  except (ValueError, TypeError) as err:
+    raise AlgorithmError(other_msg(err)) from err
+
+
 def _shapes(tree):
   return jax.tree.map(lambda a: (tuple(a.shape), jnp.dtype(a.dtype)), tree)
 
@@ -91,25 +105,16 @@ def check_algorithm(algorithm: FederatedAlgorithm, state: Any, data: ClientData,
   info = ClientInfo(jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32),
                     jax.ShapeDtypeStruct((), jnp.bool_))
   key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
-  try:
-    upload, new_cstate, metrics = jax.eval_shape(
-        algorithm.client_update, algorithm.broadcast(state.server), cstate, cdata, key, info)
-  except _TRACING_ERRORS as err:
-    raise AlgorithmError(
-        f"client_update of '{algorithm.name}' uses a client's VALUES where JAX needs static "
-        "Python values (an `if` on an array, a shape from num_examples, float()/int() of an "
-        "array, or a tracer stored outside the function). Every client runs the same "
-        "program under vmap: use jnp.where / lax.cond for branches, masks for sizes, and "
-        f"return values instead of storing them. See {GUIDE}, 'The contract'. JAX said: "
-        f"{_first_line(err)}") from err
-  except FedSimError:  # our own errors already name the problem and the fix
-    raise
-  except (ValueError, TypeError) as err:
-    raise AlgorithmError(
-        f"client_update of '{algorithm.name}' raised {type(err).__name__} when traced with one "
-        f"client's data {_shapes(cdata)}: {_first_line(err).rstrip('.')}. Fix the data "
-        f"layout or the algorithm's settings the message names. See {GUIDE}, 'The contract'."
-    ) from err
+  upload, new_cstate, metrics = _eval_shape(
+      algorithm.client_update, (algorithm.broadcast(state.server), cstate, cdata, key, info),
+      f"client_update of '{algorithm.name}' uses a client's VALUES where JAX needs static "
+      "Python values (an `if` on an array, a shape from num_examples, float()/int() of an "
+      "array, or a tracer stored outside the function). Every client runs the same "
+      "program under vmap: use jnp.where / lax.cond for branches, masks for sizes, and "
+      f"return values instead of storing them. See {GUIDE}, 'The contract'.",
+      lambda err: f"client_update of '{algorithm.name}' raised {type(err).__name__} when traced "
+      f"with one client's data {_shapes(cdata)}: {_first_line(err).rstrip('.')}. Fix the data "
+      f"layout or the algorithm's settings the message names. See {GUIDE}, 'The contract'.")
   if _shapes(new_cstate) != _shapes(cstate):
     raise AlgorithmError(
         f"client_update of '{algorithm.name}' returns a client state of shapes "
@@ -126,23 +131,17 @@ def check_algorithm(algorithm: FederatedAlgorithm, state: Any, data: ClientData,
   sinfo = ServerInfo(jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((k,), jnp.int32),
                      jax.ShapeDtypeStruct((k,), jnp.int32), jax.ShapeDtypeStruct((k,), jnp.bool_))
   server_update = lambda s, u, w, si, r: algorithm.server_update(s, u, w, si._replace(query=ask), r)
-  try:
-    new_server, _ = jax.eval_shape(server_update, state.server, stack(upload),
-                                   jax.ShapeDtypeStruct((k,), jnp.float32), sinfo, key)
-  except _TRACING_ERRORS as err:
-    raise AlgorithmError(
-        f"server_update of '{algorithm.name}' uses array values as Python values; see {GUIDE}, "
-        f"'The contract'. JAX said: {_first_line(err)}") from err
-  except FedSimError:  # our own errors already name the problem and the fix
-    raise
-  except (ValueError, TypeError) as err:
-    raise AlgorithmError(
-        f"server_update of '{algorithm.name}' raised {type(err).__name__} when traced with a "
-        f"cohort of {k} slots (check_algorithm's clients_per_round={clients_per_round}): "
-        f"{_first_line(err).rstrip('.')}. If the algorithm was built for another cohort size "
-        "K, call check_algorithm(..., clients_per_round=K) with the sampler's K "
-        f"(sampler.clients_per_round); otherwise fix the server update. See {GUIDE}, "
-        "'The contract'.") from err
+  new_server, _ = _eval_shape(
+      server_update, (state.server, stack(upload), jax.ShapeDtypeStruct((k,), jnp.float32),
+                      sinfo, key),
+      f"server_update of '{algorithm.name}' uses array values as Python values; see {GUIDE}, "
+      "'The contract'.",
+      lambda err: f"server_update of '{algorithm.name}' raised {type(err).__name__} when traced "
+      f"with a cohort of {k} slots (check_algorithm's clients_per_round={clients_per_round}): "
+      f"{_first_line(err).rstrip('.')}. If the algorithm was built for another cohort size "
+      "K, call check_algorithm(..., clients_per_round=K) with the sampler's K "
+      f"(sampler.clients_per_round); otherwise fix the server update. See {GUIDE}, "
+      "'The contract'.")
   if _shapes(new_server) != _shapes(state.server):
     raise AlgorithmError(
         f"server_update of '{algorithm.name}' changes the server state's structure or shapes "

@@ -22,13 +22,16 @@ def test_fedavg_passes(fedavg):
   check_algorithm(exp.algorithm, state, exp.data.train)
 
 
+def _raising(error):
+  def fn(*args):
+    raise error
+  return fn
+
+
 def test_value_error_in_client_update_is_an_algorithm_error(fedavg):
   exp, state = fedavg
-
-  def client_update(*args):
-    raise ValueError("rows must be a multiple of 7.\nsecond line")
-
-  bad = exp.algorithm._replace(client_update=client_update)
+  bad = exp.algorithm._replace(
+      client_update=_raising(ValueError("rows must be a multiple of 7.\nsecond line")))
   with pytest.raises(AlgorithmError, match=r"client_update of 'fedavg' raised ValueError.*"
                      r"multiple of 7\. Fix the data") as err:
     check_algorithm(bad, state, exp.data.train)
@@ -38,11 +41,7 @@ def test_value_error_in_client_update_is_an_algorithm_error(fedavg):
 
 def test_type_error_in_server_update_names_clients_per_round(fedavg):
   exp, state = fedavg
-
-  def server_update(*args):
-    raise TypeError("expected 5 uploads")
-
-  bad = exp.algorithm._replace(server_update=server_update)
+  bad = exp.algorithm._replace(server_update=_raising(TypeError("expected 5 uploads")))
   with pytest.raises(AlgorithmError, match=r"server_update of 'fedavg' raised TypeError when "
                      r"traced with a cohort of 3 slots .*clients_per_round=3\): expected 5"):
     check_algorithm(bad, state, exp.data.train, clients_per_round=3)
@@ -50,11 +49,7 @@ def test_type_error_in_server_update_names_clients_per_round(fedavg):
 
 def test_our_own_errors_pass_through_unwrapped(fedavg):
   exp, state = fedavg
-
-  def server_update(*args):
-    raise ConfigError("set foo.bar to a positive value")
-
-  bad = exp.algorithm._replace(server_update=server_update)
+  bad = exp.algorithm._replace(server_update=_raising(ConfigError("set foo.bar to a positive value")))
   with pytest.raises(ConfigError, match="foo.bar") as err:
     check_algorithm(bad, state, exp.data.train)
   assert not isinstance(err.value, AlgorithmError)
