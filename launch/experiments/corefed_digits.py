@@ -306,7 +306,11 @@ def main():
     print(f"wrote {path}")
     return
   if args.report_only:
-    with open(os.path.join(args.out, "corefed_digits_results.json")) as f:
+    path = os.path.join(args.out, "corefed_digits_results.json")
+    if not os.path.exists(path):
+      ap.error(f"--report-only: no results at {path}; run the driver without --report-only "
+               f"first (or point --out at the folder that holds them, e.g. docs/results)")
+    with open(path) as f:
       old = json.load(f)
     plot(old["runs"], args.out)
     print(table(old["runs"], old.get("throughput"), old.get("participation_skew"), args.out,
