@@ -86,6 +86,10 @@ from fedjax_sim.algorithm import FederatedAlgorithm
 
 PyTree = Any
 _TINY = 1e-12
+# Below this, a quantity that is zero in exact arithmetic (sin of the fair
+# angle, the min-norm point relative to the rows' norm) counts as zero:
+# float32 reaches it only up to rounding.
+_ROUNDING = 1e-5
 
 
 class FedMDFGState(NamedTuple):
@@ -313,7 +317,7 @@ def fedmdfg(apply_fn: Callable, init_params: Callable[[jax.Array], PyTree], *,
     gq = keep_norm(g)
     h = (u @ l_hat) * l_hat - u
     h_norm = jnp.linalg.norm(h)  # sin(angle); 0 for one live client or equal losses
-    zero_fair = fair_on & (h_norm < 1e-5)
+    zero_fair = fair_on & (h_norm < _ROUNDING)
     h = jnp.where(zero_fair, 0.0, h / jnp.maximum(h_norm, _TINY))
     rows = jnp.concatenate([gq, (h @ gq)[None], keep_norm(st.last_grads)])  # [2K+1, P]
     row_mask = jnp.concatenate([live, fair_on[None], hist])
@@ -335,7 +339,7 @@ def fedmdfg(apply_fn: Callable, init_params: Callable[[jax.Array], PyTree], *,
     d, _ = jax.lax.while_loop(lambda c: ~c[1] & ascent(c[0]), halve, (d1, jnp.bool_(False)))
     # A zero min-norm point (Pareto-stationary rows) up to float32 rounding:
     # relative to the rows' common norm, as for h above.
-    moved = any_live & ~zero_fair & (d0_norm > 1e-5 * mean_norm)
+    moved = any_live & ~zero_fair & (d0_norm > _ROUNDING * mean_norm)
     d = jnp.where(moved, d, 0.0)
     scale = jnp.where(moved, jnp.linalg.norm(d) / jnp.maximum(d0_norm, _TINY), 1.0)
 

@@ -26,30 +26,17 @@ import argparse
 import os
 import re
 import sys
-import time
 
 import jax
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "launch", "experiments"))
-import corefed_digits as drv  # noqa: E402  (the driver's method_config)
-
-from fedjax_sim import simulation  # noqa: E402
-from fedjax_sim.round import init_state, make_round  # noqa: E402
+import corefed_digits as drv  # noqa: E402  (the driver's timing harness)
 
 
-ROUNDS_PER_CALL = 10  # rounds fused per jitted call, as in the driver's throughput()
 
-
-def build(method: str, rounds_per_call: int = ROUNDS_PER_CALL):
-  # method_config's last argument is eval_every; it does not enter the round
-  # program (make_round gets rounds_per_call directly), so any value works.
-  cfg = drv.method_config(method, 0, 50, rounds_per_call)
-  exp = simulation.build_experiment(cfg)
-  rf = make_round(exp.algorithm, exp.sampler, seed=0, mesh=exp.mesh,
-                  chunk_size=cfg.chunk_size or None, rounds_per_call=rounds_per_call)
-  st = init_state(exp.algorithm, exp.sampler, exp.data.num_clients, 0, exp.mesh)
-  return rf, st, exp.data.train
+ROUNDS_PER_CALL = drv.ROUNDS_PER_CALL
+build = drv.build_round  # (round_fn, compiled state, data) in the driver's timing setup
 
 
 def hlo_summary(rf, st, data, path: str) -> dict:
@@ -128,21 +115,8 @@ def main():
     if args.hlo:
       os.makedirs(args.hlo, exist_ok=True)
       print(m, hlo_summary(rf, st, d, os.path.join(args.hlo, f"{m}.hlo.txt")))
-    st, _ = rf(st, d)
-    jax.block_until_ready(st)
     fns[m] = [rf, st, d]
-  wall = {m: [] for m in methods}
-  cpu = {m: [] for m in methods}
-  for _ in range(args.repeats):
-    for m, e in fns.items():
-      rf, st, d = e
-      t, c = time.perf_counter(), time.process_time()
-      for _ in range(args.rounds // ROUNDS_PER_CALL):
-        st, _ = rf(st, d)
-      jax.block_until_ready(st)
-      wall[m].append(1e3 * (time.perf_counter() - t) / args.rounds)
-      cpu[m].append(1e3 * (time.process_time() - c) / args.rounds)
-      e[1] = st
+  wall, cpu = drv.time_interleaved(fns, args.repeats, args.rounds)
   base = methods[0]
   print(f"{'method':10s} {'wall med':>9s} {'wall min':>9s} {'cpu med':>8s}  x{base} (med / min / cpu)")
   for m in methods:

@@ -96,6 +96,47 @@ def run_one(method: str, seed: int, rounds: int, eval_every: int) -> dict:
           "ms_per_round": 1e3 * train_s / max(timed_rounds, 1), "first_call_s": first_call_s}
 
 
+ROUNDS_PER_CALL = 10  # rounds fused per jitted call in the timing harness
+
+
+def build_round(method: str, overrides: dict | None = None,
+                rounds_per_call: int = ROUNDS_PER_CALL):
+  """(round_fn, compiled-once state, train data) of one method in the timing setup."""
+  cfg = method_config(method, 0, 50, 10)
+  if overrides:
+    cfg.update_from_flattened_dict(overrides)
+  exp = simulation.build_experiment(cfg)
+  rf = make_round(exp.algorithm, exp.sampler, seed=0, mesh=exp.mesh,
+                  chunk_size=cfg.chunk_size or None, rounds_per_call=rounds_per_call)
+  st = init_state(exp.algorithm, exp.sampler, exp.data.num_clients, 0, exp.mesh)
+  st, _ = rf(st, exp.data.train)  # compile
+  jax.block_until_ready(st)
+  return rf, st, exp.data.train
+
+
+def time_interleaved(fns: dict, repeats: int, rounds: int) -> tuple[dict, dict]:
+  """Wall and process-CPU ms/round per method, ``rounds`` rounds per repeat, methods in turn.
+
+  ``fns``: method -> [round_fn, state, data] (``build_round``; states advance).
+  Returns ``(wall, cpu)``: method -> list of ``repeats`` samples.
+  """
+  if rounds <= 0 or rounds % ROUNDS_PER_CALL:
+    raise ValueError(f"rounds={rounds}: must be a positive multiple of {ROUNDS_PER_CALL} "
+                     f"(each call runs {ROUNDS_PER_CALL} rounds), e.g. 50")
+  wall, cpu = {m: [] for m in fns}, {m: [] for m in fns}
+  for _ in range(repeats):
+    for method, entry in fns.items():
+      rf, st, d = entry
+      t, c = time.perf_counter(), time.process_time()
+      for _ in range(rounds // ROUNDS_PER_CALL):
+        st, _ = rf(st, d)
+      jax.block_until_ready(st)
+      wall[method].append(1e3 * (time.perf_counter() - t) / rounds)
+      cpu[method].append(1e3 * (time.process_time() - c) / rounds)
+      entry[1] = st
+  return wall, cpu
+
+
 def throughput(repeats: int = 5, rounds: int = 50,
                methods: tuple = ("fedavg", "corefed"), overrides: dict | None = None) -> dict:
   """Median ms/round of FedAvg and CoRe-Fed (same model, cohort, sampler), interleaved.
@@ -105,31 +146,8 @@ def throughput(repeats: int = 5, rounds: int = 50,
   ``overrides`` (flattened config keys, e.g. ``{"model": "cnn", "local_epochs":
   5}``) change the setup for every method alike.
   """
-  out = {}
-  fns = {}
-  for method in methods:
-    cfg = method_config(method, 0, rounds, 10)
-    if overrides:
-      cfg.update_from_flattened_dict(overrides)
-    exp = simulation.build_experiment(cfg)
-    rf = make_round(exp.algorithm, exp.sampler, seed=0, mesh=exp.mesh,
-                    chunk_size=cfg.chunk_size or None, rounds_per_call=10)
-    st = init_state(exp.algorithm, exp.sampler, exp.data.num_clients, 0, exp.mesh)
-    st, _ = rf(st, exp.data.train)  # compile
-    jax.block_until_ready(st)
-    fns[method] = [rf, st, exp.data.train]
-    out[method] = []
-  cpu = {m: [] for m in methods}
-  for _ in range(repeats):
-    for method, entry in fns.items():
-      rf, st, d = entry
-      t, c = time.perf_counter(), time.process_time()
-      for _ in range(rounds // 10):
-        st, _ = rf(st, d)
-      jax.block_until_ready(st)
-      out[method].append(1e3 * (time.perf_counter() - t) / rounds)
-      cpu[method].append(1e3 * (time.process_time() - c) / rounds)
-      entry[1] = st
+  fns = {m: list(build_round(m, overrides)) for m in methods}
+  out, cpu = time_interleaved(fns, repeats, rounds)
   res = {m: float(np.median(v)) for m, v in out.items()}
   # CPU time of this process (all threads) per round: less sensitive than wall
   # time to other jobs on a shared machine.
