@@ -2,7 +2,8 @@
 
 ``make_round`` returns ``round_fn(state, data) -> (state, metrics)`` that
 
-1. derives the round key ``fold_in(PRNGKey(seed), round)``;
+1. derives the round key ``seeding.round_key(seed, round)`` (the run's
+   ``rounds`` stream, independent of the init streams);
 2. samples the cohort (a :class:`~fedjax_sim.sampling.Sampler`);
 3. sorts it by client size and lays it out in chunks of similar clients,
    padded with zero-weight slots to a multiple of devices x chunk size;
@@ -32,7 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fedjax_sim.algorithm import ClientInfo, FederatedAlgorithm, ServerInfo
 from fedjax_sim.client_data import ClientData
-from fedjax_sim import sampling
+from fedjax_sim import sampling, seeding
 from fedjax_sim.sampling import Sampler
 
 CLIENTS_AXIS = "clients"
@@ -65,15 +66,18 @@ def make_mesh(num_devices: Optional[int] = None) -> Mesh:
 
 def init_state(algorithm: FederatedAlgorithm, sampler: Optional[Sampler], num_clients: int,
                seed: int, mesh: Optional[Mesh] = None) -> SimState:
-  """Initial state: server from ``fold_in(key, 0)``, client i from ``fold_in(key1, i)``.
+  """Initial state: server from the ``init`` stream, client i from ``client_init`` folded with i.
+
+  Keys: ``seeding.jax_key(seed, "init")`` and
+  ``fold_in(seeding.jax_key(seed, "client_init"), i)`` (see
+  :mod:`fedjax_sim.seeding`); both are independent of the round keys.
 
   The state is placed replicated on ``mesh`` (default: all local devices, as
   :func:`make_round`'s default), exactly as the round function returns it, so
   the first and later rounds share one executable.
   """
-  key = jax.random.PRNGKey(seed)
-  server = algorithm.init(jax.random.fold_in(key, 0))
-  ckey = jax.random.fold_in(key, 1)
+  server = algorithm.init(seeding.jax_key(seed, "init"))
+  ckey = seeding.jax_key(seed, "client_init")
   init_clients = lambda init, ids: jax.vmap(lambda i: init(jax.random.fold_in(ckey, i)))(ids)
   if algorithm.pools:  # one stacked state per pool, client keys by global id
     clients = tuple(init_clients(p.init_client, jnp.asarray(p.client_ids)) for p in algorithm.pools)
@@ -138,7 +142,8 @@ def make_round(algorithm: FederatedAlgorithm, sampler: Optional[Sampler] = None,
       tuples (one entry per pool) of uploads, weights and infos.
     sampler: cohort sampler (K = sampler.clients_per_round); ignored (may be
       None) for pooled algorithms.
-    seed: run seed; round r uses ``fold_in(PRNGKey(seed), r)``.
+    seed: run seed (Python int, or a traced int32 scalar); round r uses
+      ``seeding.round_subkeys(seed, r)``.
     mesh: a 1-D mesh with axis ``clients`` (default: all local devices).
     chunk_size: clients vmapped together; chunks run one after another via
       ``lax.map`` (bounds memory, and with size sorting cuts padded steps).
@@ -244,8 +249,7 @@ def make_round(algorithm: FederatedAlgorithm, sampler: Optional[Sampler] = None,
     return uploads, num_ex.astype(jnp.float32), sinfo, pool_clients, sampler_state, cmetrics
 
   def one_round(state: SimState, data: ClientData):
-    rkey = jax.random.fold_in(jax.random.PRNGKey(seed), state.round)
-    k_sample, k_clients, k_server = jax.random.split(rkey, 3)
+    k_sample, k_clients, k_server = seeding.round_subkeys(seed, state.round)
     bcast = algorithm.broadcast(state.server)
     pool_states = state.clients if pooled else (state.clients,)
     sampler_states = state.sampler if pooled else (state.sampler,)

@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_sim import seeding
+
 
 class Sampler(NamedTuple):
   init: Callable[[], Any]
@@ -147,11 +149,11 @@ def schedule_from_probs(probs, clients_per_round: int, period: int, seed: int = 
 def participation_frequencies(sampler: Sampler, rounds: int, seed: int = 0) -> np.ndarray:
   """Fraction of ``rounds`` in which each client was sampled (NumPy float64 [C]).
 
-  Uses the round builder's key convention (round r's sampler key is the first
-  of ``split(fold_in(PRNGKey(seed), r), 3)``), so it counts what a run sees.
+  Uses the round builder's key convention (round r's sampler key is
+  ``seeding.round_subkeys(seed, r)[0]``), so it counts what a run sees.
   """
   def one(state, r):
-    k_sample = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), r), 3)[0]
+    k_sample = seeding.round_subkeys(seed, r)[0]
     ids, state = sampler.sample(k_sample, r, state)
     return state, ids
 
