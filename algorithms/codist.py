@@ -2,8 +2,8 @@
 
 Paper: Lichtarge, Amid, Kumar, Yang, Anil, Mathews, "Heterogeneous Federated
 Learning Using Knowledge Codistillation", arXiv 2310.02549. Only the abstract
-and a summary could be read (``../shared/SPEC.md``, section "Knowledge
-codistillation"), so the exact update rules below are OURS, written from
+and a summary could be read (``docs/decisions.md#knowledge-codistillation``),
+so the exact update rules below are OURS, written from
 that summary. What the paper states and we follow:
 
 * two client pools by capacity: a small model trained by FedAvg on ALL
@@ -17,7 +17,7 @@ that summary. What the paper states and we follow:
   distillation as a gradient and interpolates it with the FedAvg
   pseudo-gradient by alpha in [0, 1] every round.
 
-[ours] (SPEC marks these as ours; none of them is read from the paper):
+[ours] (``docs/decisions.md`` marks them so; none of them is read from the paper):
 
 * Distillation loss: ``T^2 * mean_b KL(softmax(t_b / T) || softmax(s_b / T))``
   (Hinton et al.'s T^2 scaling), t = teacher logits (stop-gradient), s =
@@ -32,7 +32,7 @@ that summary. What the paper states and we follow:
 * MERGED: every round, from the round-start server models theta (the ones
   the clients trained from), ``Delta_distill = theta - theta_after_s_steps``
   and the FedAdam input is ``(1 - alpha) Delta_FedAvg + alpha Delta_distill``.
-  SPEC writes ``Delta_distill = theta_after - theta``; the engine's
+  Read literally, the summary gives ``Delta_distill = theta_after - theta``; the engine's
   pseudo-gradients are ``theta - theta_client`` (a descent direction is
   SUBTRACTED by the optimizer), so we use the same sign for both terms.
   alpha = 0 is bit for bit this module's FedAdam-only mode, and equals two

@@ -2,8 +2,8 @@
 
 Mukhtiar, Mahmood, Sheng, "CoRe-Fed: Bridging Collaborative and Representation
 Fairness via Federated Embedding Distillation", arXiv 2602.00647. The paper's
-formulas are blurred in places; we implement the decisions of ``SPEC.md``
-(section "CoRe-Fed"), marked [paper], [code] (github.com/Noorain1/CoRe-Fed) or
+formulas are blurred in places; we implement the decisions recorded in
+``docs/decisions.md#core-fed``, marked [paper], [code] (github.com/Noorain1/CoRe-Fed) or
 [ours]:
 
 * Embeddings [paper]: z_i = normalize(mean penultimate embedding of client i's
@@ -29,7 +29,7 @@ formulas are blurred in places; we implement the decisions of ``SPEC.md``
   the stored round lies inside the frequency window and f_i >= 1/tau).
 * Update [paper]: w_{t+1} = w_t - eta_g sum_i w_i Delta_i, Delta_i = w_t - w_i
   (eta_g = 1: the weighted parameter average the code uses).
-* Ablations [SPEC]: Re-Fed = alignment + distillation with FedAvg (example-
+* Ablations [ours]: Re-Fed = alignment + distillation with FedAvg (example-
   count) weights; Co-Fed = contribution weights + reuse; CoRe-Fed = all.
   ``reference_code=True`` runs what the official code effectively runs:
   contribution weights over the sampled clients only (no alignment, no

@@ -2,8 +2,8 @@
 
 Paper: "Toward Enhancing Representation Learning in Federated Multi-Task
 Settings", ICLR 2026, arXiv 2602.01626 (Muscle loss: its Sec. 3; FedMuscle
-round: its Algorithm 1 as summarized in the seed 002 and SPEC.md section
-FedMuscle). The loss lives in :func:`fedjax_sim.algorithms.losses.muscle_loss`.
+round: its Algorithm 1; our reading: ``docs/decisions.md#fedmuscle``).
+The loss lives in :func:`fedjax_sim.algorithms.losses.muscle_loss`.
 
 Users have different models (model pools: one MODEL_ZOO architecture per pool,
 each followed by a linear projection to a common dimension d) AND different
@@ -35,7 +35,7 @@ is a pure function of (seed, round)); with fewer than M such users it skips
 alignment that round. All users join every round (the paper's setting;
 ``clients_per_round`` of each pool = its size).
 
-Decisions (SPEC.md section FedMuscle): tau^(N) = 0.2, tau^(N-1) = 0.15,
+Decisions (``docs/decisions.md#fedmuscle``): tau^(N) = 0.2, tau^(N-1) = 0.15,
 gamma = 1/tau^(N-1) - 1/tau^(N); the denominator includes the positive; M = 3
 default; the efficient form avoids materializing the B^M combinations (see
 ``muscle_loss``). [ours] d = 32, B = 32 public examples per round,

@@ -3,7 +3,7 @@
 Zhu et al., "FedRE: A Representation Entanglement Framework for
 Model-Heterogeneous Federated Learning", arXiv 2511.22265 (CVPR 2026); official
 code github.com/AIResearch-Group/FedRE (``clientre.py``, ``serverre.py``). We
-implement SPEC.md, section "FedRE: binding decisions":
+implement the decisions recorded in ``docs/decisions.md#fedre``:
 
 * Clients own persistent local models: extractor g_k (a MODEL_ZOO architecture,
   one model pool per architecture, clients round-robin) + RM to the common dim
@@ -15,7 +15,7 @@ implement SPEC.md, section "FedRE: binding decisions":
   r~_k = sum_i w_i RM[g_k(x_i)], y~_k = sum_i w_i onehot(y_i), with normalized
   random weights resampled every round [paper], computed with the model after
   local training [code].
-* Variants [paper; naming reading: ours, SPEC]: RSR / VAR / RAR weight the raw
+* Variants [paper; naming reading: ours]: RSR / VAR / RAR weight the raw
   representations, RSP / VAP / RAP the class prototypes p_c (mean RM
   representation of class c); "RS" = one-hot at a uniformly random
   sample / present class ("random single"), "VA" = plain average ("vanilla

@@ -5,7 +5,7 @@ dim, M other models (FedMuscle: M sampled other users, N = M + 1 models in a
 tuple). All losses take embeddings that the caller has already L2-normalized
 unless stated, and return float32 scalars.
 
-Multi-model losses (FedMuscle, arXiv 2602.01626; SPEC.md section FedMuscle):
+Multi-model losses (FedMuscle, arXiv 2602.01626; ``docs/decisions.md#fedmuscle``):
 :func:`pairwise_info_nce` (sum of InfoNCE over the anchor's model pairs),
 :func:`gram_volume_loss` (GRAM, Cicchetti et al., arXiv 2412.11959, the
 paper's Gramian comparison) and :func:`muscle_loss` (the N-tuple Muscle loss
@@ -171,7 +171,7 @@ def _muscle_positive(anchor, others, tau_n, gamma):
 
 def muscle_loss(anchor: jax.Array, others: jax.Array, tau_n: float = 0.2,
                 tau_n1: float = 0.15) -> jax.Array:
-  """The Muscle loss (FedMuscle, arXiv 2602.01626; SPEC.md section FedMuscle).
+  """The Muscle loss (FedMuscle, arXiv 2602.01626; docs/decisions.md#fedmuscle).
 
   For anchor user n with representations z^n_i and M other users' matrices z^m
   (the N = M + 1 tuple), negatives indexed by j = (j_1..j_M) in [B]^M::
@@ -181,10 +181,10 @@ def muscle_loss(anchor: jax.Array, others: jax.Array, tau_n: float = 0.2,
       alpha_j = exp(-gamma sum_{m < m'} z^m_{j_m} . z^m'_{j_m'}),
       gamma = 1/tau_(N-1) - 1/tau_N.
 
-  The denominator includes the positive (j = (i..i)) [SPEC, ours]. With M = 1
+  The denominator includes the positive (j = (i..i)) [ours]. With M = 1
   alpha = 1 and this is :func:`info_nce` at tau_N.
 
-  Efficient form (ours, equal to SPEC's ``Z^n S^T + log alpha`` without
+  Efficient form (ours, equal to the server-built ``Z^n S^T + log alpha`` without
   building S [B^M, D] or the logits [B, B^M]): the anchor-dependent part of a
   logit separates over the other users, sum_m A_m[i, j_m] with
   A_m = z^n z^m^T / tau_N [B, B], while alpha_j does not depend on the anchor.
@@ -203,7 +203,7 @@ def muscle_loss(anchor: jax.Array, others: jax.Array, tau_n: float = 0.2,
   Measured (XLA temp buffers of jitted value_and_grad, B = D = 32,
   bench/muscle_cost.py): M = 3: 0.52 MiB, M = 4: 16 MiB (= 4 B^M words).
   :func:`muscle_loss_dense` needs O(B^(M+1)) (logits and their gradient: 8 MiB
-  and 256 MiB = 2 B^(M+1) words), and SPEC's S matrix would add B^M D more.
+  and 256 MiB = 2 B^(M+1) words), and a server-built S [B^M, D] would add B^M D more.
   Time: O(M B^2 D + B^(M+1)) multiply-adds.
 
   Args:

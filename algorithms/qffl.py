@@ -1,7 +1,7 @@
 """q-FFL solved by q-FedAvg.
 
 Li, Sanjabi, Beirami, Smith, "Fair Resource Allocation in Federated Learning",
-ICLR 2020, arXiv 1905.10497, Algorithm 2 (q-FedAvg), as fixed in ``SPEC.md``
+ICLR 2020, arXiv 1905.10497, Algorithm 2 (q-FedAvg), as in ``docs/decisions.md#q-ffl``
 (the baseline CoRe-Fed, arXiv 2602.00647, compares against). With client k's
 local model w_k after E epochs of SGD from w at learning rate lr (the round's
 decayed rate), F_k the client's training loss at w (+1e-10) and L = 1/lr:

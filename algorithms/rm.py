@@ -6,8 +6,8 @@ prototype baselines (FedProto, arXiv 2105.00243; FedGH, arXiv 2305.13137)
 split every client's model into a feature extractor ``g_k`` (architecture
 differs per client), a representation mapping ``RM`` to a COMMON dimension D,
 and a classifier head ``f`` (D -> L, the same shape for every client, so it can
-be shared). SPEC.md, section FedRE: "RM: average pooling to a common dimension
-(default), max pooling, FC". The official code (github.com/AIResearch-Group/
+be shared). RM (``docs/decisions.md#fedre``): average pooling to a common dimension
+(default), max pooling, FC. The official code (github.com/AIResearch-Group/
 FedRE, ``HtFLlib/system/flcore/trainmodel/models.py``) replaces each backbone's
 classifier by ``nn.AdaptiveAvgPool1d(feature_dim)`` and trains a linear head
 ``nn.Linear(feature_dim, num_classes)``; we do the same on top of the

@@ -1,7 +1,7 @@
 """SSD: Soft Separation and Distillation (Fang et al., ICCV 2025, arXiv 2508.01251).
 
 Official code: github.com/hc-fang/ssd (``methods/loss.py``,
-``methods/fedalignuniform``). SPEC.md section SSD holds the binding decisions;
+``methods/fedalignuniform``). ``docs/decisions.md#ssd`` records the decisions;
 this module follows them:
 
 * Base: FedAlignUniform (:mod:`fedjax_sim.algorithms.ssl`): L_align + beta
@@ -10,7 +10,7 @@ this module follows them:
   matrix, fixed and seeded (QR of a Gaussian matrix). Client k owns the
   disjoint block of b = D // C columns Q_k = Q[:, k b : (k + 1) b], indexed by
   its CLIENT ID (the official code indexes by position in the sampled list,
-  which SPEC treats as a bug). As in the code, the client's "subspace" is the
+  which we treat as a bug). As in the code, the client's "subspace" is the
   whole basis with its own block's columns scaled by s = sqrt(10), S = Q
   diag(1, ..., s, ..., 1), so z S S^T = z + (s^2 - 1) (z Q_k) Q_k^T: a soft pull
   toward the client's directions, not a projection onto them (with a plain
@@ -93,7 +93,7 @@ def dsr_loss(z: jax.Array, q_block: jax.Array, scale: float = float(np.sqrt(10.0
   Args:
     z: float32 [B, D], L2-normalized projector outputs.
     q_block: float32 [D, b], the client's block of the basis.
-    scale: s (sqrt(10) in SPEC).
+    scale: s (sqrt(10), the official code's value).
     mask: bool [B] or None.
   """
   diff = z - dsr_target(z, q_block, scale)
@@ -154,7 +154,7 @@ def ssd(model: SSLModel, input_shape: Sequence[int], *, num_clients: int, beta: 
     model: encoder + projector (projector output dim = encoder dim = D).
     input_shape: one example's shape.
     num_clients: C, for the DSR blocks b = D // C.
-    beta, gamma, delta: weights of uniformity, DSR and PD (SPEC: 1, 1, 0.1);
+    beta, gamma, delta: weights of uniformity, DSR and PD (paper: 1, 1, 0.1);
       stored in ``ServerState.coef``, so gamma = delta = 0 (FedAlignUniform)
       and the ablations run the same compiled round.
     t: uniformity temperature (2).  scale: DSR scale s (sqrt(10)).

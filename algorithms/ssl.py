@@ -2,7 +2,7 @@
 
 These are the bases of SSD (Fang et al., "Soft Separation and Distillation:
 Toward Global Uniformity in Federated Unsupervised Learning", ICCV 2025,
-arXiv 2508.01251; official code github.com/hc-fang/ssd). SPEC.md section SSD
+arXiv 2508.01251; official code github.com/hc-fang/ssd). ``docs/decisions.md#ssd``
 records what we take from the paper and the code:
 
 * Model: encoder f (the representation kept for downstream use) followed by a

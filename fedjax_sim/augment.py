@@ -1,7 +1,7 @@
 """Image augmentations in JAX, for self-supervised clients inside the jitted round.
 
 Used by the federated SSL methods (FedAlignUniform, FedSimCLR, SSD; SSD is
-arXiv 2508.01251, see SPEC.md section SSD). The official SSD code uses
+arXiv 2508.01251, see ``docs/decisions.md#ssd``). The official SSD code uses
 torchvision's random resized crop, horizontal flip, color jitter and
 grayscale on CIFAR. Those are host-side PIL ops; here every op is a pure JAX
 function of (key, image), so two views per example are drawn inside

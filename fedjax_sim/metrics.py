@@ -1,6 +1,6 @@
 """Per-client accuracy spread, fairness and representation metrics.
 
-Names as in ``SPEC.md`` (CoRe-Fed section, our decisions where the paper's
+Names as in ``docs/decisions.md#fairness-metrics`` (our decisions where the paper's
 definitions were not found): ``client_acc_mean``, ``client_acc_std``,
 ``client_acc_var``, ``client_acc_worst10`` (mean of the worst 10% of
 clients, at least one), ``jain_index`` (Jain et al. 1984: (sum a)^2 / (n sum

@@ -1,7 +1,7 @@
 """Representation-quality metrics for federated self-supervised learning.
 
-Used to evaluate FedAlignUniform, FedSimCLR and SSD (arXiv 2508.01251; SPEC.md
-section SSD, "Evaluation"): the engine's classification evaluation does not
+Used to evaluate FedAlignUniform, FedSimCLR and SSD (arXiv 2508.01251;
+``docs/decisions.md#ssd``): the engine's classification evaluation does not
 apply to an encoder without a classifier.
 
 * Alignment and uniformity (Wang & Isola, ICML 2020, arXiv 2005.10242,
@@ -14,7 +14,7 @@ apply to an encoder without a classifier.
   uniformity"). Test uniformity: on the global test set.
 * k-NN accuracy: InstDisc's weighted vote (Wu et al. 2018, arXiv 1805.01978;
   the SSD code's ``knn_predict``): cosine similarity to the bank of all
-  clients' training features, top k, weights exp(sim / T). SPEC's CIFAR
+  clients' training features, top k, weights exp(sim / T). SSD's CIFAR
   setting is k = 200, T = 0.1 for a 50,000-example bank; on digits' 1,347-
   example bank we default to k = 20. [ours]
 * Linear probe: multinomial logistic regression on the frozen encoder

@@ -1,7 +1,7 @@
 """CoRe-Fed: each mechanism against a plain NumPy computation of its formula,
 the server step (storage, window, reuse, age cap, padding) against NumPy, an
 equivalence with FedAvg, the fairness/representation metrics against their
-SPEC definitions, and a short jitted end-to-end run."""
+definitions (docs/decisions.md#fairness-metrics), and a short jitted end-to-end run."""
 import jax
 import jax.numpy as jnp
 import numpy as np

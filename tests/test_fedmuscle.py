@@ -1,4 +1,4 @@
-"""FedMuscle: the Muscle loss against its formula (SPEC.md section FedMuscle), and the round."""
+"""FedMuscle: the Muscle loss against its formula (docs/decisions.md#fedmuscle), the round."""
 import itertools
 
 import jax
@@ -18,7 +18,7 @@ def _unit(rng, *shape):
 
 
 def _brute_force_muscle(anchor, others, tau_n=TAU_N, tau_n1=TAU_N1):
-  """SPEC's formula, one negative combination j in [B]^M at a time (float64)."""
+  """The paper's formula, one negative combination j in [B]^M at a time (float64)."""
   a, o = np.float64(anchor), np.float64(others)
   m_count, b = o.shape[:2]
   gamma = 1.0 / tau_n1 - 1.0 / tau_n

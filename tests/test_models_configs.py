@@ -61,8 +61,8 @@ def test_default_config_is_the_issue_setup():
 
 @pytest.mark.parametrize("dataset", ["fmnist", "cifar10"])
 def test_corefed_configs_are_the_papers_setup(dataset):
-  """The CoRe-Fed paper's setup (SPEC.md): 100 clients, 20 per round, Dir(0.5),
-  batch 50, E = 1, unequal participation."""
+  """The CoRe-Fed paper's setup (docs/decisions.md#core-fed): 100 clients, 20 per
+  round, Dir(0.5), batch 50, E = 1, unequal participation."""
   cfg = _load(f"corefed_{dataset}").get_config()
   assert (cfg.algorithm, cfg.sampler, cfg.data.num_clients, cfg.clients_per_round,
           cfg.data.partition, cfg.data.alpha, cfg.batch_size, cfg.local_epochs) == (

@@ -1,4 +1,5 @@
-"""q-FFL / q-FedAvg: the server step against a NumPy transcription of SPEC.md,
+"""q-FFL / q-FedAvg: the server step against a NumPy transcription of Algorithm 2
+(docs/decisions.md#q-ffl),
 padding slots inert, and q = 0 equal to the uniform average of the local models."""
 import jax
 import jax.numpy as jnp

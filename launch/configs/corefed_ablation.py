@@ -1,4 +1,4 @@
-"""CoRe-Fed ablations (arXiv 2602.00647, SPEC.md): one config, the variant is the arg.
+"""CoRe-Fed ablations (arXiv 2602.00647; docs/decisions.md#core-fed): the variant is the arg.
 
   <dataset>:<variant> with dataset digits | fmnist | cifar10 and variant
     corefed    all mechanisms (alignment + distillation + contribution + reuse)

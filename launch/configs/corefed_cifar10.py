@@ -1,4 +1,5 @@
-"""CoRe-Fed (arXiv 2602.00647) on CIFAR-10 (TFDS), the paper's setup (SPEC.md):
+"""CoRe-Fed (arXiv 2602.00647) on CIFAR-10 (TFDS), the paper's setup
+(``docs/decisions.md#core-fed``):
 100 clients, 20 per round, Dir(0.5), batch 50, SGD lr 0.1 decaying 0.999 per
 round, E = 1, 1000 rounds, CNN conv(64,5)-pool-conv(64,5)-pool-FC384-FC192
 (embedding = the 192-d layer), unequal participation (``availability``).

@@ -1,5 +1,5 @@
 """CoRe-Fed (arXiv 2602.00647) on Fashion-MNIST (TFDS), the paper's setup
-(SPEC.md): 100 clients, 20 per round, Dir(0.5), batch 50, SGD lr 0.1 decaying
+(``docs/decisions.md#core-fed``): 100 clients, 20 per round, Dir(0.5), batch 50, SGD lr 0.1 decaying
 0.999 per round, E = 1, 1000 rounds, MLP (200-200; embedding = last hidden
 layer), unequal participation via the ``availability`` sampler. Paper (Dir
 0.5): acc .891, D_Cos .294, D_Man 73.5; q-FedAvg .884/.401/76.2.

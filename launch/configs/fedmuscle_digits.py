@@ -1,4 +1,4 @@
-"""FedMuscle on multi-task, multi-model digits (arXiv 2602.01626; SPEC.md section FedMuscle).
+"""FedMuscle on multi-task, multi-model digits (arXiv 2602.01626; docs/decisions.md#fedmuscle).
 
 Run (reproduces docs/results/fedmuscle_digits.md)::
 

@@ -1,6 +1,6 @@
 """FedRE (arXiv 2511.22265) and its baselines on the embedded digits data.
 
-SPEC.md, section FedRE: 10 clients that all join, E = 1, client lr 0.06,
+``docs/decisions.md#fedre``: 10 clients that all join, E = 1, client lr 0.06,
 batch 32, 75/25 per-client train/test split, PRA = Dir(0.1), PAT = 2 classes
 per client, architectures round-robin over a model family (ours: 5 small
 MODEL_ZOO models), RM = average pooling to D = 32, RAP weights, server head

@@ -1,6 +1,6 @@
 """Federated self-supervised learning on digits: FedAlignUniform, FedSimCLR, SSD.
 
-SSD is arXiv 2508.01251 (SPEC.md section SSD). Variants (``:arg``):
+SSD is arXiv 2508.01251 (``docs/decisions.md#ssd``). Variants (``:arg``):
 
 * ``silo``   (default): cross-silo, 10 clients, all 10 join every round, 30 rounds, E = 2, B = 32.
 * ``device``: cross-device, 100 clients, 10 per round, 40 rounds, E = 5, B = 16.

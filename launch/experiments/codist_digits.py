@@ -1,7 +1,7 @@
 """CODIST on digits: FedAvg vs PERIODIC vs MERGED for both models, and domain shift.
 
-Reproduces ``docs/results/codist_digits.md`` (arXiv 2310.02549; SPEC.md section
-"Knowledge codistillation"; rules marked [ours] in ``algorithms/codist.py``)::
+Reproduces ``docs/results/codist_digits.md`` (arXiv 2310.02549;
+``docs/decisions.md#knowledge-codistillation``; [ours] rules: ``algorithms/codist.py``)::
 
   python -m fedjax_sim.launch.experiments.codist_digits --out=docs/results
 

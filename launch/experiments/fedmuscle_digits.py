@@ -1,7 +1,7 @@
 """FedMuscle vs pairwise InfoNCE vs Gramian vs local training on multi-task, multi-model digits.
 
 Reproduces ``docs/results/fedmuscle_digits.md`` (FedMuscle: arXiv 2602.01626;
-SPEC.md section FedMuscle)::
+``docs/decisions.md#fedmuscle``)::
 
   python -m fedjax_sim.launch.experiments.fedmuscle_digits --out=docs/results
 

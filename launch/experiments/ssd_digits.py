@@ -1,7 +1,7 @@
 """SSD vs its bases on digits: global uniformity, k-NN and linear-probe accuracy.
 
-Reproduces ``docs/results/ssd_digits.md`` (SSD: arXiv 2508.01251; SPEC.md
-section SSD)::
+Reproduces ``docs/results/ssd_digits.md`` (SSD: arXiv 2508.01251;
+``docs/decisions.md#ssd``)::
 
   python -m fedjax_sim.launch.experiments.ssd_digits --out=docs/results
 
