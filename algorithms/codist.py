@@ -59,6 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedjax_sim import seeding
 from fedjax_sim.algorithm import FederatedAlgorithm, Pool, tree_weighted_mean
 from fedjax_sim.algorithms.fedavg import ServerState, fedavg
 from fedjax_sim.algorithms.pooled import DataSpec, zoo_functions
@@ -375,7 +376,8 @@ def build_codist_data(*, dataset: str = "digits", num_clients: int = 50,
                       data_dir: Optional[str] = None) -> CodistData:
   """Clients' data and held-out unlabeled server sets, from the source's train split.
 
-  The server sets are drawn (per class, evenly; NumPy ``default_rng(server_seed)``)
+  The server sets are drawn (per class, evenly; NumPy stream ``server_data`` of
+  ``server_seed``, see :mod:`fedjax_sim.seeding`)
   from the source's TRAIN split, and those examples are removed before the
   clients' partition, so no client ever holds one. The global test set (the
   source's test split) is untouched. For digits: train = 1,347 examples
@@ -413,7 +415,7 @@ def build_codist_data(*, dataset: str = "digits", num_clients: int = 50,
       raise ValueError(f"domain classes {domain_classes} and ood_classes {ood} overlap.")
   client_classes = [c for c in all_classes if c not in ood] if domain_classes is None else (
       groups[0] + groups[1])
-  rng = np.random.default_rng(server_seed)
+  rng = seeding.numpy_rng(server_seed, "server_data")
   server_idx = {"in": _take_per_class(labels, client_classes, server_size, rng)}
   if ood:
     server_idx["ood"] = _take_per_class(labels, ood, server_size, rng)
@@ -428,8 +430,9 @@ def build_codist_data(*, dataset: str = "digits", num_clients: int = 50,
                      "high-capacity clients; need at least 1.")
   split = lambda idx, n, s: [idx[p] for p in part_lib.partition(
       labels[idx], n, partition, s, alpha=alpha, min_examples=2)]
+  part_seed = seeding.numpy_seed(seed, "partition")
   if domain_classes is None:
-    parts = split(avail, num_clients, seed)
+    parts = split(avail, num_clients, part_seed)
     # Client k's data are a random draw of the seed's partition, so the first
     # n_large clients are a random subset; fixed ids let seeds share a program.
     large_ids, small_ids = np.arange(n_large), np.arange(num_clients)
@@ -438,9 +441,11 @@ def build_codist_data(*, dataset: str = "digits", num_clients: int = 50,
       raise ValueError("domain shift needs clients in both groups; lower large_fraction.")
     a = avail[np.isin(labels[avail], groups[0])]
     b = avail[np.isin(labels[avail], groups[1])]
-    parts = split(a, n_large, seed) + split(b, num_clients - n_large, seed + 7)
+    seed_a, seed_b = part_seed.spawn(2)  # one partition stream per class group
+    parts = split(a, n_large, seed_a) + split(b, num_clients - n_large, seed_b)
     large_ids, small_ids = np.arange(n_large), np.arange(n_large, num_clients)
-  tr, te = part_lib.train_test_split_clients(parts, client_test_fraction, seed + 1)
+  tr, te = part_lib.train_test_split_clients(parts, client_test_fraction,
+                                             seeding.numpy_seed(seed, "split"))
   train = pack([ds.train_x[i] for i in tr], [labels[i] for i in tr], batch_size)
   test = pack([ds.train_x[i] for i in te], [labels[i] for i in te])
   fed = FederatedData(to_device(train), to_device(test), jax.device_put(ds.test_x),
@@ -456,8 +461,8 @@ def server_holdout_mask(data_cfg: Any, batch_size: int, seed: int, server_size: 
   ``fedjax_sim.data.build_federated_data`` hands every train-split example to
   some client. This re-derives its client train index lists (same
   partitioner calls and seeds as ``data/pipeline.py``; a test checks they
-  agree), picks ``server_size`` of the clients' TRAIN rows (per class,
-  ``default_rng(server_seed)``) as the server set and returns a keep mask that
+  agree), picks ``server_size`` of the clients' TRAIN rows (per class, NumPy
+  stream ``server_data`` of ``server_seed``) as the server set and returns a keep mask that
   hides them from local training. Clients' own test rows and the global test
   set are untouched.
 
@@ -470,15 +475,16 @@ def server_holdout_mask(data_cfg: Any, batch_size: int, seed: int, server_size: 
   get = lambda k, d=None: getattr(data_cfg, k, d)
   ds = sources.load(get("dataset", "digits"), get("data_dir"))
   parts = part_lib.partition(ds.train_y, int(get("num_clients")), get("partition", "dirichlet"),
-                             seed, alpha=float(get("alpha", 0.5)),
+                             seeding.numpy_seed(seed, "partition"),
+                             alpha=float(get("alpha", 0.5)),
                              classes_per_client=int(get("classes_per_client", 2)),
                              min_examples=int(get("min_examples", 2)))
   tr, _ = part_lib.train_test_split_clients(parts, float(get("client_test_fraction", 0.2)),
-                                            seed + 1)
+                                            seeding.numpy_seed(seed, "split"))
   # Never take a client's last training row: every client keeps >= 1 example.
   cand = np.concatenate([t[1:] for t in tr])
   labels = np.asarray(ds.train_y)
-  rng = np.random.default_rng(server_seed)
+  rng = seeding.numpy_rng(server_seed, "server_data")
   classes = np.unique(labels[cand])
   chosen = _take_per_class(labels[cand], classes, server_size, rng)
   server = np.zeros(len(labels), bool)
@@ -516,14 +522,14 @@ def build_codist(cfg: Any, spec: DataSpec) -> FederatedAlgorithm:
   The CLI's data come from the engine pipeline, where every train-split
   example belongs to a client, so the server set is carved out with
   :func:`server_holdout_mask`. High-capacity clients: a random
-  ``large_fraction`` of the C clients (``default_rng(cfg.seed)``).
+  ``large_fraction`` of the C clients (NumPy stream ``pools`` of ``cfg.seed``).
   """
   from fedjax_sim.algorithms import _common, _server_opt
   c = cfg.codist
   keep, server_x = server_holdout_mask(cfg.data, cfg.batch_size, cfg.seed, c.server_size,
                                        c.server_seed)
   n_large = max(1, int(round(c.large_fraction * spec.num_clients)))
-  large_ids = np.sort(np.random.default_rng(cfg.seed).permutation(spec.num_clients)[:n_large])
+  large_ids = np.sort(seeding.numpy_rng(cfg.seed, "pools").permutation(spec.num_clients)[:n_large])
   return codist(c.small_arch, c.large_arch, spec, large_ids=large_ids, server_x=server_x,
                 mode=c.mode, alpha=c.alpha, period=c.period, distill_steps=c.distill_steps,
                 distill_lr=c.distill_lr, temperature=c.temperature, distill_batch=c.distill_batch,

@@ -63,7 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_sim import models
+from fedjax_sim import models, seeding
 from fedjax_sim.algorithm import (FederatedAlgorithm, Pool, client_optimizer, local_train,
                                   masked_cross_entropy)
 from fedjax_sim.algorithms import losses
@@ -128,11 +128,13 @@ def build_multitask_digits(num_users: int = 12, examples_per_user: int = 40,
   Public split (no user owns it): from ``load_digits()``'s train split (1,347
   examples; the 450-example test split is untouched), for each class c the
   first ``public_per_class`` indices of class c after
-  ``np.random.default_rng(public_seed).permutation``; 300 examples by default.
-  It does not depend on ``seed``. The rest is partitioned over users with
-  ``data.partitioners.partition(method=partition, seed=seed)`` and each user
-  keeps ``examples_per_user`` examples of its part (the first after a
-  ``default_rng(seed + 1)`` shuffle). User u has task ``u mod len(task_names)``.
+  a permutation from the ``server_data`` NumPy stream of ``public_seed``
+  (:mod:`fedjax_sim.seeding`); 300 examples by default. It does not depend on
+  ``seed``. The rest is partitioned over users with
+  ``data.partitioners.partition(method=partition)`` on ``seed``'s
+  ``partition`` stream, and each user keeps ``examples_per_user`` examples of
+  its part (the first after a shuffle from ``seed``'s ``split`` stream). User
+  u has task ``u mod len(task_names)``.
 
   Args:
     num_users: C.
@@ -146,12 +148,13 @@ def build_multitask_digits(num_users: int = 12, examples_per_user: int = 40,
   """
   from fedjax_sim.data import partitioners, sources
   ds = sources.load_digits()
-  prng = np.random.default_rng(public_seed)
+  prng = seeding.numpy_rng(public_seed, "server_data")
   public_idx = np.sort(np.concatenate([
       prng.permutation(np.flatnonzero(ds.train_y == c))[:public_per_class] for c in range(10)]))
   rest = np.setdiff1d(np.arange(len(ds.train_y)), public_idx)
-  parts = partitioners.partition(ds.train_y[rest], num_users, partition, seed, alpha=alpha)
-  urng = np.random.default_rng(seed + 1)
+  parts = partitioners.partition(ds.train_y[rest], num_users, partition,
+                                 seeding.numpy_seed(seed, "partition"), alpha=alpha)
+  urng = seeding.numpy_rng(seed, "split")
   parts = [rest[urng.permutation(p)[:examples_per_user]] for p in parts]
   label_map, _ = task_tables()
   tasks = np.array([TASK_NAMES.index(task_names[u % len(task_names)])

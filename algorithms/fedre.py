@@ -44,7 +44,7 @@ Axis legend: K cohort, N examples, B batch, D common dim, L classes.
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +59,9 @@ WEIGHT_DISTRIBUTIONS = ("uniform", "gaussian", "laplacian")
 
 class ServerState(NamedTuple):
   head: dict  # {"kernel": float32 [D, L], "bias": float32 [L]}: the global classifier
+  # uint32 [2]: the run's key for FIXED entangling weights (``resample=False``;
+  # drawn from the init key, so it differs between run seeds); None otherwise.
+  weight_key: Optional[jax.Array] = None
 
 
 class Upload(NamedTuple):
@@ -163,7 +166,9 @@ def fedre(archs: Sequence[str], spec: Any, clients_per_round: int, *, client_lr:
       local SGD (:func:`fedjax_sim.algorithm.local_train`).
     dim: D, the common representation dim.  rm: ``avg`` | ``max`` | ``fc``.
     variant: RE mechanism (:data:`VARIANTS`).  weights: weight distribution.
-    resample: resample the weights every round (False: fixed per client).
+    resample: resample the weights every round (False: fixed per client:
+      client k's weights come from ``fold_in(weight_key, k)``, a key drawn
+      once from the run's init key and broadcast with the head).
     server_lr, server_batch_size, server_epochs, server_reduction: the
       server's head training (:func:`~fedjax_sim.algorithms.rm.train_head`).
 
@@ -177,13 +182,14 @@ def fedre(archs: Sequence[str], spec: Any, clients_per_round: int, *, client_lr:
                      f"{WEIGHT_DISTRIBUTIONS}.")
   num_classes = spec.num_classes
 
-  def client_update(model, head, params, data, rng, info):
+  def client_update(model, bcast, params, data, rng, info):
+    head = bcast if resample else bcast[0]
     params = {**params, "head": head}  # replace the local head by the global classifier
     loss = lambda p, x, y, m, r: masked_cross_entropy(model.apply(p, x), y, m)
     opt = client_optimizer(client_lr, client_momentum, lr_decay, info.round)
     k_train, k_w = jax.random.split(rng)
-    if not resample:
-      k_w = jax.random.fold_in(jax.random.PRNGKey(0x5EED), info.client_id)
+    if not resample:  # the same weights every round, different ones per run seed
+      k_w = jax.random.fold_in(bcast[1], info.client_id)
     res = local_train(loss, params, opt, data, k_train, epochs=epochs, batch_size=batch_size,
                       local_steps=local_steps)
     z = rm_lib.all_features(model, res.params, data.x, batch_size)
@@ -195,7 +201,9 @@ def fedre(archs: Sequence[str], spec: Any, clients_per_round: int, *, client_lr:
                                 global_head=True, client_ids=client_ids)
 
   def init(rng):
-    return ServerState(rm_lib.init_head(rng, dim, num_classes))
+    k_head, k_weights = jax.random.split(rng)
+    return ServerState(rm_lib.init_head(k_head, dim, num_classes),
+                       None if resample else k_weights)
 
   def server_update(state, uploads, weights_, infos, rng):
     del weights_  # every entangled pair counts once [code]
@@ -205,14 +213,16 @@ def fedre(archs: Sequence[str], spec: Any, clients_per_round: int, *, client_lr:
         state.head, up.rep, up.label, valid, rng, lr=server_lr, batch_size=server_batch_size,
         epochs=server_epochs, reduction=server_reduction)
     k = jnp.sum(valid).astype(jnp.float32)
-    return ServerState(head), {
+    return ServerState(head, state.weight_key), {
         "head_loss": head_loss, "valid_uploads": k,
         "comm/upload_scalars": k * (dim + num_classes),
         "comm/broadcast_scalars": k * rm_lib.head_scalars(dim, num_classes)}
 
   return FederatedAlgorithm(
       name=name, init=init, init_client=None, client_update=None, server_update=server_update,
-      eval_params=None, apply_fn=None, broadcast=lambda s: s.head, personalized=True,
+      eval_params=None, apply_fn=None,
+      broadcast=(lambda s: s.head) if resample else (lambda s: (s.head, s.weight_key)),
+      personalized=True,
       pools=pools)
 
 

@@ -2,15 +2,15 @@
 never communicates (the "Local" baseline of FedRE, FedMuscle, CoRe-Fed, ...).
 
 Each client's model is per-client state (stacked [C, ...] by the engine). All
-clients start from the same initialization (key ``PRNGKey(init_seed)``), so
-differences come from the data only, and train E epochs whenever sampled.
+clients start from the same initialization (the run's ``init`` stream,
+``fedjax_sim.seeding.jax_key(init_seed, "init")``, the key a global model's
+server init gets), so differences come from the data only, and train E epochs whenever sampled.
 """
 from __future__ import annotations
 
 from typing import Callable
 
-import jax
-
+from fedjax_sim import seeding
 from fedjax_sim.algorithm import (FederatedAlgorithm, client_optimizer, local_train,
                                   masked_cross_entropy)
 
@@ -31,7 +31,7 @@ def local_only(apply_fn: Callable, init_params: Callable, *, client_lr: float,
 
   return FederatedAlgorithm(
       name="local", init=lambda rng: (),
-      init_client=lambda rng: init_params(jax.random.PRNGKey(init_seed)),
+      init_client=lambda rng: init_params(seeding.jax_key(init_seed, "init")),
       client_update=client_update,
       server_update=lambda state, uploads, weights, info, rng: (state, {}),
       eval_params=lambda server_state, params: params, apply_fn=apply_fn, personalized=True)

@@ -5,10 +5,18 @@ seed gives the same partition, and every example index appears exactly once
 across clients. Names follow the literature: IID, Dirichlet label skew Dir(alpha)
 ("PRA" in FedRE, Hsu et al. arXiv 1909.06335), pathological shards with k
 classes per client ("PAT", McMahan et al. arXiv 1602.05629), quantity skew.
+
+``seed`` is anything ``np.random.default_rng`` takes: an int, or (as the data
+pipeline passes) the run's ``np.random.SeedSequence`` for this purpose
+(``fedjax_sim.seeding.numpy_seed(run_seed, "partition")`` / ``"split"``).
 """
 from __future__ import annotations
 
+from typing import Union
+
 import numpy as np
+
+Seed = Union[int, np.random.SeedSequence]
 
 
 class PartitionError(ValueError):
@@ -24,14 +32,14 @@ def _check_common(labels: np.ndarray, num_clients: int) -> None:
         "would have no data; lower --config.data.num_clients.")
 
 
-def iid(labels: np.ndarray, num_clients: int, seed: int) -> list[np.ndarray]:
+def iid(labels: np.ndarray, num_clients: int, seed: Seed) -> list[np.ndarray]:
   """Shuffles and deals examples into near-equal client shards."""
   _check_common(labels, num_clients)
   perm = np.random.default_rng(seed).permutation(len(labels))
   return [np.sort(s) for s in np.array_split(perm, num_clients)]
 
 
-def dirichlet(labels: np.ndarray, num_clients: int, alpha: float, seed: int,
+def dirichlet(labels: np.ndarray, num_clients: int, alpha: float, seed: Seed,
               min_examples: int = 2, max_tries: int = 1000) -> list[np.ndarray]:
   """Dirichlet label skew: class c's examples are split by p_c ~ Dir(alpha * 1_C).
 
@@ -71,7 +79,7 @@ def dirichlet(labels: np.ndarray, num_clients: int, alpha: float, seed: int,
 
 
 def pathological(labels: np.ndarray, num_clients: int, classes_per_client: int,
-                 seed: int) -> list[np.ndarray]:
+                 seed: Seed) -> list[np.ndarray]:
   """Shards ("PAT"): sort by label, cut into num_clients * k shards, deal k each.
 
   Each client sees at most ``classes_per_client`` labels (exactly k unless a
@@ -79,6 +87,11 @@ def pathological(labels: np.ndarray, num_clients: int, classes_per_client: int,
   """
   if classes_per_client < 1:
     raise PartitionError(f"classes_per_client={classes_per_client} must be >= 1.")
+  num_classes = len(np.unique(labels))
+  if classes_per_client > num_classes:
+    raise PartitionError(
+        f"classes_per_client={classes_per_client} exceeds the dataset's {num_classes} classes; "
+        f"set --config.data.classes_per_client to at most {num_classes}.")
   _check_common(labels, num_clients)
   num_shards = num_clients * classes_per_client
   if num_shards > len(labels):
@@ -93,7 +106,7 @@ def pathological(labels: np.ndarray, num_clients: int, classes_per_client: int,
   return [np.sort(np.concatenate([shards[s] for s in row])) for row in shard_ids]
 
 
-def quantity_skew(labels: np.ndarray, num_clients: int, alpha: float, seed: int,
+def quantity_skew(labels: np.ndarray, num_clients: int, alpha: float, seed: Seed,
                   min_examples: int = 2) -> list[np.ndarray]:
   """Quantity skew: IID labels, client sizes proportional to q ~ Dir(alpha).
 
@@ -120,7 +133,7 @@ def quantity_skew(labels: np.ndarray, num_clients: int, alpha: float, seed: int,
 PARTITIONERS = ("iid", "dirichlet", "pathological", "quantity_skew")
 
 
-def partition(labels: np.ndarray, num_clients: int, method: str, seed: int, *,
+def partition(labels: np.ndarray, num_clients: int, method: str, seed: Seed, *,
               alpha: float = 0.5, classes_per_client: int = 2,
               min_examples: int = 2) -> list[np.ndarray]:
   """Dispatches by name. ``pra`` and ``pat`` are accepted as FedRE's aliases.
@@ -145,7 +158,7 @@ def partition(labels: np.ndarray, num_clients: int, method: str, seed: int, *,
 
 
 def train_test_split_clients(parts: list[np.ndarray], test_fraction: float,
-                             seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+                             seed: Seed) -> tuple[list[np.ndarray], list[np.ndarray]]:
   """Splits each client's indices into its own train and test parts.
 
   Every client with >= 2 examples keeps >= 1 train and >= 1 test example, so

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 
 from fedjax_sim.client_data import ClientData, pack, to_device
+from fedjax_sim import seeding
 from fedjax_sim.data import partitioners as part_lib
 from fedjax_sim.data import sources
 
@@ -55,7 +56,10 @@ def build_federated_data(cfg: Any, batch_size: int = 1, seed: int = 0,
       ``min_examples``, ``client_test_fraction``, ``data_dir`` and, for
       ``synthetic``, ``synthetic_alpha``, ``synthetic_beta``.
     batch_size: client N is padded to a multiple of this.
-    seed: partition seed (the run seed).
+    seed: the run seed (int >= 0). The partition, the per-client train/test
+      split and a generated dataset each draw from their own NumPy stream
+      (``fedjax_sim.seeding.numpy_seed(seed, "partition" | "split" |
+      "dataset")``), so no two of them, and no two run seeds, share a stream.
     sharding: where the arrays live (default: the default device). The
       simulation passes a replicated ``NamedSharding`` over its mesh, which
       also works across processes (every process builds the same data).
@@ -69,11 +73,13 @@ def build_federated_data(cfg: Any, batch_size: int = 1, seed: int = 0,
   test_fraction = float(get("client_test_fraction", 0.2))
   if name == "synthetic":
     xs, ys = sources.synthetic_leaf(
-        num_clients, get("synthetic_alpha", 1.0), get("synthetic_beta", 1.0), seed=seed)
+        num_clients, get("synthetic_alpha", 1.0), get("synthetic_beta", 1.0),
+        seed=seeding.numpy_seed(seed, "dataset"))
     offsets = np.cumsum([0] + [len(y) for y in ys])
     all_x, all_y = np.concatenate(xs), np.concatenate(ys)
     parts = [np.arange(offsets[k], offsets[k + 1]) for k in range(num_clients)]
-    tr, te = part_lib.train_test_split_clients(parts, test_fraction, seed + 1)
+    tr, te = part_lib.train_test_split_clients(parts, test_fraction,
+                                               seeding.numpy_seed(seed, "split"))
     train = pack([all_x[i] for i in tr], [all_y[i] for i in tr], batch_size)
     test = pack([all_x[i] for i in te], [all_y[i] for i in te])
     gidx = np.concatenate(te)
@@ -82,10 +88,11 @@ def build_federated_data(cfg: Any, batch_size: int = 1, seed: int = 0,
   else:
     ds = sources.load(name, get("data_dir"))
     parts = part_lib.partition(
-        ds.train_y, num_clients, get("partition", "dirichlet"), seed,
+        ds.train_y, num_clients, get("partition", "dirichlet"), seeding.numpy_seed(seed, "partition"),
         alpha=float(get("alpha", 0.5)), classes_per_client=int(get("classes_per_client", 2)),
         min_examples=int(get("min_examples", 2)))
-    tr, te = part_lib.train_test_split_clients(parts, test_fraction, seed + 1)
+    tr, te = part_lib.train_test_split_clients(parts, test_fraction,
+                                               seeding.numpy_seed(seed, "split"))
     train = pack([ds.train_x[i] for i in tr], [ds.train_y[i] for i in tr], batch_size)
     test = pack([ds.train_x[i] for i in te], [ds.train_y[i] for i in te])
     test_x, test_y, num_classes, input_shape = ds.test_x, ds.test_y, ds.num_classes, ds.input_shape

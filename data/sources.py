@@ -110,7 +110,7 @@ def load_tfds(name: str, data_dir: Optional[str] = None) -> Dataset:
 
 
 def synthetic_leaf(num_clients: int, alpha: float = 1.0, beta: float = 1.0,
-                   dim: int = 60, num_classes: int = 10, seed: int = 0,
+                   dim: int = 60, num_classes: int = 10, seed=0,
                    mean_examples: float = 50.0, iid: bool = False):
   """LEAF / FedProx Synthetic(alpha, beta) (Li et al., arXiv 1812.06127, Sec. 5.1).
 
@@ -118,6 +118,9 @@ def synthetic_leaf(num_clients: int, alpha: float = 1.0, beta: float = 1.0,
   b_k ~ N(u_k, 1); v_k[j] ~ N(B_k, 1); x ~ N(v_k, Sigma) with
   Sigma = diag(j^-1.2); y = argmax(softmax(W_k x + b_k)). Client sizes follow a
   lognormal with mean ``mean_examples`` (at least 4 examples each).
+
+  ``seed``: an int or a ``np.random.SeedSequence`` (the pipeline passes the
+  run's ``dataset`` stream, ``fedjax_sim.seeding.numpy_seed(seed, "dataset")``).
 
   Returns:
     (xs, ys): lists of length num_clients; xs[k] float32 [n_k, dim],

@@ -22,6 +22,21 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def sample_std(values, axis=0) -> np.ndarray:
+  """The sample standard deviation (ddof = 1) over seeds or runs, NumPy.
+
+  Reports give spreads over seeds with this estimator; one value gives 0.0
+  (no spread can be estimated), not NaN.
+
+  Args:
+    values: float array-like, the repeated axis at ``axis``.
+  """
+  v = np.asarray(values, np.float64)
+  if v.shape[axis] < 2:
+    return np.zeros(np.delete(v.shape, axis)) if v.ndim > 1 else np.float64(0.0)
+  return np.std(v, axis=axis, ddof=1)
+
+
 def accuracy_spread(acc: np.ndarray) -> dict[str, float]:
   """Summary of per-client accuracies (NumPy, host side).
 

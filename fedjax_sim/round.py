@@ -129,7 +129,8 @@ class _PoolPlan(NamedTuple):
   slot_order: jax.Array
 
 
-def make_round(algorithm: FederatedAlgorithm, sampler: Optional[Sampler] = None, *, seed: int,
+def make_round(algorithm: FederatedAlgorithm, sampler: Optional[Sampler] = None, *,
+               seed: Optional[int],
                mesh: Optional[Mesh] = None, chunk_size: Optional[int] = None,
                rounds_per_call: int = 1, sort_by_size: bool = True, donate: bool = True,
                jit: bool = True):
@@ -143,7 +144,9 @@ def make_round(algorithm: FederatedAlgorithm, sampler: Optional[Sampler] = None,
     sampler: cohort sampler (K = sampler.clients_per_round); ignored (may be
       None) for pooled algorithms.
     seed: run seed (Python int, or a traced int32 scalar); round r uses
-      ``seeding.round_subkeys(seed, r)``.
+      ``seeding.round_subkeys(seed, r)``. ``None``: the seed is a third,
+      traced argument of ``round_fn`` (int32 []), so runs of several seeds
+      share one compiled program.
     mesh: a 1-D mesh with axis ``clients`` (default: all local devices).
     chunk_size: clients vmapped together; chunks run one after another via
       ``lax.map`` (bounds memory, and with size sorting cuts padded steps).
@@ -155,7 +158,8 @@ def make_round(algorithm: FederatedAlgorithm, sampler: Optional[Sampler] = None,
 
   Returns:
     ``round_fn(state: SimState, data: ClientData [C, N, ...]) -> (SimState,
-    metrics)``; every metric is float32 [rounds_per_call]. Metrics: client
+    metrics)`` (``round_fn(state, data, seed)`` when ``seed`` is None);
+    every metric is float32 [rounds_per_call]. Metrics: client
     metrics averaged with example weights (``loss``, ...; per pool also
     ``<pool>/loss``), ``server/...`` metrics, ``padding_efficiency`` (useful
     / processed examples, when clients report ``useful_examples`` and
@@ -248,7 +252,7 @@ def make_round(algorithm: FederatedAlgorithm, sampler: Optional[Sampler] = None,
     sinfo = ServerInfo(round_, gids, num_ex, valid, ask)
     return uploads, num_ex.astype(jnp.float32), sinfo, pool_clients, sampler_state, cmetrics
 
-  def one_round(state: SimState, data: ClientData):
+  def one_round(state: SimState, data: ClientData, seed):
     k_sample, k_clients, k_server = seeding.round_subkeys(seed, state.round)
     bcast = algorithm.broadcast(state.server)
     pool_states = state.clients if pooled else (state.clients,)
@@ -290,19 +294,24 @@ def make_round(algorithm: FederatedAlgorithm, sampler: Optional[Sampler] = None,
     metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
     return SimState(state.round + 1, server, clients, sampler_state), metrics
 
-  def round_fn(state: SimState, data: ClientData):
+  def rounds(state: SimState, data: ClientData, seed):
     if rounds_per_call == 1:
-      state, metrics = one_round(state, data)
+      state, metrics = one_round(state, data, seed)
       return state, jax.tree.map(lambda m: m[None], metrics)
-    return jax.lax.scan(lambda s, _: one_round(s, data), state, None, length=rounds_per_call)
+    return jax.lax.scan(lambda s, _: one_round(s, data, seed), state, None,
+                        length=rounds_per_call)
 
+  if seed is None:
+    round_fn, num_args = rounds, 3
+  else:
+    round_fn, num_args = (lambda state, data: rounds(state, data, seed)), 2
   if not jit:
     return round_fn
   # Fixed shardings: the state and data are replicated, so the output state
   # matches the next call's input and round 2 reuses round 1's executable.
   replicated = NamedSharding(mesh, P())
   return jax.jit(round_fn, donate_argnums=(0,) if donate else (),
-                 in_shardings=(replicated, replicated), out_shardings=replicated)
+                 in_shardings=(replicated,) * num_args, out_shardings=replicated)
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

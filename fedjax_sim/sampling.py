@@ -70,13 +70,15 @@ def availability_probs(num_clients: int, distribution: str = "power_law", *,
   Args:
     distribution: ``beta`` (a_c ~ Beta(beta_a, beta_b) iid) or ``power_law``
       (a_c = r_c^(-power), r a random permutation of 1..C).
-    seed: NumPy seed of the draw (a property of the client population, so it
-      stays fixed across run seeds unless set).
+    seed: the population seed (``availability.seed``; a property of the
+      client population, so it stays fixed across run seeds unless set). The
+      draw uses its ``availability`` stream
+      (``fedjax_sim.seeding.numpy_rng(seed, "availability")``).
 
   Raises:
     ValueError: unknown distribution or non-positive parameters.
   """
-  rng = np.random.default_rng(seed)
+  rng = seeding.numpy_rng(seed, "availability")
   if distribution == "beta":
     if beta_a <= 0 or beta_b <= 0:
       raise ValueError(f"availability.beta_a={beta_a}, beta_b={beta_b} must be > 0.")
@@ -139,9 +141,13 @@ def fixed_schedule(table, num_clients: int) -> Sampler:
 
 
 def schedule_from_probs(probs, clients_per_round: int, period: int, seed: int = 0) -> np.ndarray:
-  """A fixed [period, K] schedule: ``period`` NumPy draws proportional to ``probs``."""
+  """A fixed [period, K] schedule: ``period`` NumPy draws proportional to ``probs``.
+
+  Draws from ``seed``'s ``schedule`` stream (``fedjax_sim.seeding``), so it
+  shares no bits with the availabilities drawn from the same seed.
+  """
   probs = np.asarray(probs, np.float64)
-  rng = np.random.default_rng(seed)
+  rng = seeding.numpy_rng(seed, "schedule")
   return np.stack([rng.choice(probs.size, clients_per_round, replace=False, p=probs / probs.sum())
                    for _ in range(period)]).astype(np.int32)
 

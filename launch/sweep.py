@@ -25,7 +25,7 @@ ONE ``sbatch --array`` job, one array index per task (per point unless
 ``--vectorize``), waits for it (polling ``squeue``) and collects.
 
 At the end: ``<workdir>/summary.csv``, ``summary.md`` (one row per point, and
-mean/std over seeds) and ``summary_curves.png`` / ``summary_final.png``.
+mean and sample std (ddof=1) over seeds) and ``summary_curves.png`` / ``summary_final.png``.
 
 Workers (local processes and SLURM) run
 ``<venv python> -m fedjax_sim.launch.sweep <workdir> <task>`` and read the
@@ -513,6 +513,7 @@ def write_summary(workdir: str, points: Sequence[Point], rows: Sequence[dict],
                   metric: str = "test_accuracy") -> dict[str, str]:
   """Writes summary.csv, summary.md and the comparison plots; returns their paths."""
   import numpy as np
+  from fedjax_sim.metrics import sample_std
   swept = list(dict.fromkeys(k for p in points for k in p.overrides))
   fixed = ["point", *swept, "status", "mode"]
   metric_keys = sorted({k for r in rows for k in r} - set(fixed) - {"error"})
@@ -537,14 +538,14 @@ def write_summary(workdir: str, points: Sequence[Point], rows: Sequence[dict],
   groups = _seed_groups(points, rows)
   if "seed" in swept and any(len(g) > 1 for g in groups.values()):
     stats = [m for m in md_metrics if m not in ("round", "train_time_s")]
-    lines += ["", "## Mean ± std over seeds", "",
+    lines += ["", "## Mean ± sample std (ddof=1) over seeds", "",
               "| config | seeds | " + " | ".join(stats) + " |",
               "|---|---|" + "---|" * len(stats)]
     for name, rs in groups.items():
       cells = []
       for m in stats:
         vals = np.array([r[m] for r in rs if r.get("status") == "ok" and m in r], float)
-        cells.append(f"{vals.mean():.4g} ± {vals.std():.2g}" if vals.size else "")
+        cells.append(f"{vals.mean():.4g} ± {sample_std(vals):.2g}" if vals.size else "")
       lines.append(f"| {name} | {len(rs)} | " + " | ".join(cells) + " |")
   with open(paths["md"], "w") as f:
     f.write("\n".join(lines) + "\n")
@@ -560,6 +561,7 @@ def _plots(workdir, points, rows, metric) -> dict[str, str]:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   import numpy as np
+  from fedjax_sim.metrics import sample_std
   out = {}
   groups = _seed_groups(points, [dict(r, _dir=os.path.join(workdir, p.name))
                                  for p, r in zip(points, rows)])
@@ -604,7 +606,7 @@ def _plots(workdir, points, rows, metric) -> dict[str, str]:
       lines.setdefault(rest, {}).setdefault(float(p.overrides[x_key]), []).append(r[metric])
     for rest, pts in lines.items():
       xs = sorted(pts)
-      ax.errorbar(xs, [np.mean(pts[x]) for x in xs], yerr=[np.std(pts[x]) for x in xs],
+      ax.errorbar(xs, [np.mean(pts[x]) for x in xs], yerr=[sample_std(pts[x]) for x in xs],
                   marker="o", capsize=3, label=rest if rest != "base" else None)
     xs_all = [float(p.overrides[x_key]) for p in points]
     if min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 10:
@@ -617,7 +619,7 @@ def _plots(workdir, points, rows, metric) -> dict[str, str]:
     vals = [[r[metric] for r in groups[n] if r.get("status") == "ok" and metric in r]
             for n in names]
     ax.bar(range(len(names)), [np.mean(v) if v else np.nan for v in vals],
-           yerr=[np.std(v) if v else 0 for v in vals], capsize=3)
+           yerr=[sample_std(v) if v else 0 for v in vals], capsize=3)
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
   ax.set(ylabel=f"final {metric}", title=f"final {metric} (mean ± std over seeds)")
   ax.grid(alpha=0.3)

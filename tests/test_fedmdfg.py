@@ -7,6 +7,7 @@ from jax.flatten_util import ravel_pytree
 from scipy.optimize import minimize
 
 from conftest import tiny_config
+from fedjax_sim import seeding
 from fedjax_sim.algorithm import ServerInfo
 from fedjax_sim.algorithms.fedmdfg import fedmdfg, min_norm_element
 from fedjax_sim.round import init_state, make_round
@@ -161,8 +162,7 @@ def test_round_equals_numpy_client_loop(clients, per_round):
   w = np.asarray(flat, np.float64)
   seen_same = False
   for r in range(3):
-    rkey = jax.random.fold_in(jax.random.PRNGKey(0), r)
-    cohort, _ = exp.sampler.sample(jax.random.split(rkey, 3)[0], jnp.int32(r), state.sampler)
+    cohort, _ = exp.sampler.sample(seeding.round_subkeys(0, r)[0], jnp.int32(r), state.sampler)
     w, info = ref.step(w, [int(c) for c in np.asarray(cohort)], loss, grad)
     seen_same |= info["same"] and r > 0
     state, metrics = round_fn(state, data)

@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_sim import comm
-from fedjax_sim.algorithm import ServerInfo
+from fedjax_sim import comm, seeding
+from fedjax_sim.algorithm import ClientInfo, ServerInfo
 from fedjax_sim.algorithms import fedre as fedre_lib
 from fedjax_sim.algorithms import hetero_baselines as hb
 from fedjax_sim.algorithms import rm as rm_lib
@@ -154,6 +154,33 @@ def test_fedre_round_finite_and_compiled_once():
   changed = [bool(np.any(np.asarray(a) != np.asarray(b)))
              for a, b in zip(jax.tree.leaves(s1.clients), jax.tree.leaves(state.clients))]
   assert any(changed)
+
+
+def test_fixed_weights_stay_across_rounds_and_change_with_the_run_seed():
+  """``resample=False``: a client's entangling weights are the same every round
+  (the uploaded label encoding y~ depends on the weights only), and differ
+  between run seeds (the key is drawn from the run's init key)."""
+  spec = DataSpec((8, 8, 1), L, 6)
+  data = _small_data()
+  alg = fedre_lib.fedre(("mlp_s",), spec, clients_per_round=4, client_lr=0.05, batch_size=8,
+                        dim=D, variant="RAR", resample=False)
+  pool = alg.pools[0]
+  update = jax.jit(pool.client_update)
+
+  def label(seed, round_):
+    server = alg.init(seeding.jax_key(seed, "init"))
+    params = pool.init_client(jax.random.PRNGKey(0))
+    rng = jax.random.fold_in(seeding.round_subkeys(seed, round_)[1], 2)
+    info = ClientInfo(jnp.int32(2), jnp.int32(round_), jnp.bool_(True))
+    up, _, _ = update(alg.broadcast(server), params, jax.tree.map(lambda a: a[2], data), rng,
+                      info)
+    return np.asarray(up.label)
+
+  np.testing.assert_array_equal(label(0, 0), label(0, 5))
+  assert not np.allclose(label(0, 0), label(1, 0))
+  resampled = fedre_lib.fedre(("mlp_s",), spec, clients_per_round=4, client_lr=0.05,
+                              batch_size=8, dim=D, variant="RAR")
+  assert resampled.init(jax.random.PRNGKey(0)).weight_key is None
 
 
 def test_comm_accounting_from_shapes():

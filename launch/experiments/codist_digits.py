@@ -17,10 +17,12 @@ Settings (knobs from ``launch/configs/codist_digits.py``):
 
 Methods: FedAvg (FedAdam, no distillation), PERIODIC (s = 50 every p = 10
 rounds), MERGED (s = 5 every round, alpha in {0.1, 0.3, 0.5}); seeds 0, 1, 2.
-A seed changes the client partition, the model init and the distillation
-batches; ``make_round``'s own seed (cohort draws by client id) stays 0, so all
-runs of a setting share one compiled round (mode and knobs live in the server
-state). Outputs under ``--out``: ``codist_digits_results.json`` (every curve),
+A seed changes the client partition, the model init, the cohort draws, the
+clients' batch order and the distillation batches (every draw has its own
+stream of the run seed, :mod:`fedjax_sim.seeding`); the server sets and the
+pools are fixed across seeds (``codist.server_seed``, fixed ids). One round
+program serves every method and seed (mode and knobs live in the server state,
+the seed is the round function's traced argument, ``make_round(seed=None)``). Spreads are sample standard deviations over seeds (ddof = 1). Outputs under ``--out``: ``codist_digits_results.json`` (every curve),
 ``codist_digits_table.md`` and the PNG plots.
 """
 from __future__ import annotations
@@ -34,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_sim.metrics import sample_std
 from fedjax_sim.client_data import pad_examples
 from fedjax_sim.algorithms import server_optimizer
 from fedjax_sim.algorithms.codist import build_codist_data, codist, make_knobs, make_predict
@@ -84,7 +87,7 @@ def run_setting(setting: str, seeds, rounds: int, methods: dict) -> dict:
   for d in datas.values():  # pools are fixed ids: every seed must agree
     assert np.array_equal(d.large_ids, d0.large_ids) and np.array_equal(d.small_ids, d0.small_ids)
   every = 1  # evaluate every round (cheap), so PERIODIC's post-distillation spikes show
-  round_fn = make_round(alg, seed=0, mesh=mesh, rounds_per_call=every, donate=True)
+  round_fn = make_round(alg, seed=None, mesh=mesh, rounds_per_call=every, donate=True)
   predict = make_predict(alg)
   test_x, test_y = d0.fed.test_x, np.asarray(d0.fed.test_y)
   subsets = {"all": np.ones_like(test_y, bool)}
@@ -117,7 +120,7 @@ def run_setting(setting: str, seeds, rounds: int, methods: dict) -> dict:
 
       evaluate(0)
       for r in range(every, rounds + 1, every):
-        state, metrics = round_fn(state, trains[s])
+        state, metrics = round_fn(state, trains[s], s)
         evaluate(r)
       kl = {k: float(np.mean(v)) for k, v in jax.device_get(metrics).items() if "distill/kl" in k}
       out["runs"].setdefault(name, {})[str(s)] = {"curve": curve, "last_kl": kl}
@@ -140,11 +143,11 @@ def table(res: dict, keys, peak_keys=()) -> list[str]:
     cells = []
     for k in keys:
       v = np.array([_final(runs[str(s)], k) for s in seeds]) * 100
-      cells.append(f"{v.mean():.1f} ± {v.std():.1f}")
+      cells.append(f"{v.mean():.1f} ± {sample_std(v):.1f}")
     for k in peak_keys:
       v = np.array([max(r[k] for r in runs[str(s)]["curve"] if r["round"] > 0)
                     for s in seeds]) * 100
-      cells.append(f"{v.mean():.1f} ± {v.std():.1f}")
+      cells.append(f"{v.mean():.1f} ± {sample_std(v):.1f}")
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
   return lines
 
@@ -158,7 +161,7 @@ def plot(res: dict, keys, path: str, title: str) -> None:
     for name, runs in res["runs"].items():
       curves = np.array([[row[k] for row in runs[str(s)]["curve"]] for s in res["seeds"]])
       rounds = [row["round"] for row in runs[str(res["seeds"][0])]["curve"]]
-      m, sd = curves.mean(0) * 100, curves.std(0) * 100
+      m, sd = curves.mean(0) * 100, sample_std(curves) * 100
       ax.plot(rounds, m, label=name)
       ax.fill_between(rounds, m - sd, m + sd, alpha=0.15)
     ax.set_title(k)

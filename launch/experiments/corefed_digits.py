@@ -38,6 +38,7 @@ import numpy as np
 from fedjax_sim import evaluation, metrics, sampling, simulation
 from fedjax_sim.launch.configs import corefed_digits
 from fedjax_sim.round import init_state, make_round
+from fedjax_sim.metrics import sample_std
 
 METHODS = ("fedavg", "qffl", "fedmdfg", "refed", "cofed", "corefed")
 LABELS = {"fedavg": "FedAvg", "qffl": "q-FFL (q=1)", "fedmdfg": "FedMDFG",
@@ -173,13 +174,13 @@ def participation_skew(rounds: int) -> dict:
 
 
 def final_stats(runs: list[dict], last: int) -> dict:
-  """Per method: mean and std over seeds of each metric averaged over the last evaluations."""
+  """Per method: mean and sample std (ddof=1) over seeds of each metric averaged over the last evaluations."""
   out = {}
   for method in dict.fromkeys(r["method"] for r in runs):
     per_seed = [{k: np.mean([h[k] for h in r["history"][-last:]]) for k in KEYS}
                 for r in runs if r["method"] == method]
     out[method] = {k: (float(np.mean([p[k] for p in per_seed])),
-                       float(np.std([p[k] for p in per_seed]))) for k in KEYS}
+                       float(sample_std([p[k] for p in per_seed]))) for k in KEYS}
   return out
 
 
@@ -199,7 +200,8 @@ def plot(runs: list[dict], out_dir: str) -> list[str]:
     for ax, (k, title) in zip(axes, panels):
       y = np.array([[h[k] for h in hist] for hist in hs])
       ax.plot(x, y.mean(0), label=LABELS[method])
-      ax.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), alpha=0.15)
+      sd = sample_std(y)
+      ax.fill_between(x, y.mean(0) - sd, y.mean(0) + sd, alpha=0.15)
       ax.set(title=title, xlabel="round")
   for ax in axes:
     ax.grid(alpha=0.3)

@@ -22,6 +22,7 @@ import os
 import numpy as np
 
 from fedjax_sim import simulation
+from fedjax_sim.metrics import sample_std
 from fedjax_sim.launch.configs import corefed_ablation
 
 KEYS = ("test_accuracy", "d_cosine", "d_manhattan", "client_acc_worst10", "jain_index")
@@ -56,7 +57,7 @@ def main():
       wd = os.path.join(args.workdir, args.dataset, f"k{k}_gamma{gamma}_seed{seed}")
       simulation.train_and_evaluate(c, wd)
       rows.append(final_row(wd))
-    stats = {key: (float(np.mean([r[key] for r in rows])), float(np.std([r[key] for r in rows])))
+    stats = {key: (float(np.mean([r[key] for r in rows])), float(sample_std([r[key] for r in rows])))
              for key in KEYS}
     table.append({"k": k, "gamma": gamma, "runs": rows, "stats": stats})
     print(f"k={k} gamma={gamma}: " + ", ".join(

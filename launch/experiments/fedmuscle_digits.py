@@ -11,12 +11,15 @@ task ``tasks[u % 4]`` (digit10, parity, gt4, mod3), 40 labeled digits each
 (IID), a 300-digit public split no user owns (see
 ``fedmuscle.build_multitask_digits``), every user evaluated on the 450-digit
 global test set under its own task. All methods and seeds run one compiled
-round program (method and run key live in the server state).
+round program (the method lives in the server state, the seed is the round
+function's traced argument, ``make_round(seed=None)``); the run seed drives
+the partition, init and round keys, each from its own stream
+(:mod:`fedjax_sim.seeding`).
 
 Outputs under ``--out``: ``fedmuscle_digits_results.json`` (per-user
 accuracies every ``rounds_per_call`` rounds, per method and seed) and
 ``fedmuscle_digits_table.md`` (Delta(%) vs local training, mean +- std over
-seeds, and mean accuracy per task).
+seeds: the sample standard deviation, ddof = 1; and mean accuracy per task).
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ import numpy as np
 
 from fedjax_sim.algorithms import fedmuscle as fm
 from fedjax_sim.evaluation import make_evaluate
+from fedjax_sim.metrics import sample_std
 from fedjax_sim.launch.configs.fedmuscle_digits import get_config
 from fedjax_sim.round import init_state, make_mesh, make_round
 
@@ -62,7 +66,7 @@ def run(cfg, log=print) -> dict:
                      align_steps=cfg.align_steps, align_lr=cfg.align_lr,
                      client_lr=cfg.client_lr, client_momentum=cfg.client_momentum,
                      batch_size=cfg.batch_size, epochs=cfg.local_epochs)
-  round_fn = make_round(alg, seed=0, mesh=mesh, rounds_per_call=cfg.rounds_per_call)
+  round_fn = make_round(alg, seed=None, mesh=mesh, rounds_per_call=cfg.rounds_per_call)
   evaluate = make_evaluate(alg)
   out = {"config": cfg.to_dict(), "public_idx": d0.public_idx.tolist(),
          "tasks": [fm.TASK_NAMES[t] for t in d0.tasks],
@@ -74,7 +78,7 @@ def run(cfg, log=print) -> dict:
       state = fm.set_method(fm.with_tasks(state, alg, data.tasks), method)
       curve, t0 = [], time.time()
       while int(state.round) < cfg.rounds:
-        state, metrics = round_fn(state, data.train)
+        state, metrics = round_fn(state, data.train, seed)
         raw = evaluate(state.server, state.clients, data.test, None, None)
         acc = user_accuracy(raw, alg)
         curve.append({"round": int(state.round), "acc": acc.tolist(),
@@ -100,7 +104,7 @@ def table(res: dict) -> str:
     deltas = [fm.delta_percent(final[f"{m}/{s}"], final[f"local/{s}"]) for s in seeds]
     accs = np.stack([final[f"{m}/{s}"] for s in seeds])  # [S, C]
     per_task = [np.mean(accs[:, [u for u, t in enumerate(tasks) if t == n]]) for n in names]
-    lines.append(f"| {m} | {np.mean(deltas):+.2f} +- {np.std(deltas):.2f} | "
+    lines.append(f"| {m} | {np.mean(deltas):+.2f} +- {sample_std(deltas):.2f} | "
                  + ", ".join(f"{x:+.2f}" for x in deltas) + f" | {np.mean(accs):.4f} | "
                  + " | ".join(f"{x:.4f}" for x in per_task) + " |")
   return "\n".join(lines) + "\n"

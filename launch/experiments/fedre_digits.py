@@ -10,11 +10,11 @@ algorithms: accuracy over the clients' own test splits, example-weighted).
 
 One compiled round per METHOD serves every partition and seed: the client
 arrays of all runs are padded to one common N (padding rows are masked and
-inert) and ``make_round`` gets ``seed=0`` for every run, so a run's seed
-changes the partition, the client/test split and the model initialization
-(``init_state(seed)``), while the per-round key stream (shuffles, RAP weight
-draws) is the same function of (round, client id) in every run. This is a
-compute saving on a shared 2-core machine, stated in the report.
+inert) and the seed is the round function's traced argument
+(``make_round(seed=None)``). A run's seed changes the partition, the client train/test split, the
+model initialization and the per-round keys (shuffles, RAP weight draws),
+each from its own stream of the seed (:mod:`fedjax_sim.seeding`). Spreads
+are sample standard deviations over seeds (ddof = 1).
 
   python launch/experiments/fedre_digits.py --out docs/results               # the report
   python launch/experiments/fedre_digits.py --rounds 4 --seeds 0 --methods fedre --out /tmp/x
@@ -34,6 +34,7 @@ import numpy as np
 
 from fedjax_sim.client_data import pad_examples
 from fedjax_sim import comm, evaluation, inversion
+from fedjax_sim.metrics import sample_std
 from fedjax_sim.algorithms import POOLED_ALGORITHMS
 from fedjax_sim.algorithms.pooled import DataSpec
 from fedjax_sim.data import build_federated_data
@@ -70,7 +71,7 @@ def run_method(method, datasets, rounds, eval_every, mesh, keep_states=(), archs
   any_data = next(iter(datasets.values()))
   spec = DataSpec(any_data.input_shape, any_data.num_classes, any_data.num_clients)
   alg = POOLED_ALGORITHMS[method](cfg, spec)
-  round_fn = make_round(alg, seed=0, mesh=mesh, chunk_size=cfg.chunk_size or None,
+  round_fn = make_round(alg, seed=None, mesh=mesh, chunk_size=cfg.chunk_size or None,
                         rounds_per_call=eval_every)
   evaluate = evaluation.make_evaluate(alg)
   shapes = comm.round_comm(alg, any_data.train)
@@ -80,7 +81,7 @@ def run_method(method, datasets, rounds, eval_every, mesh, keep_states=(), archs
     train = replicate(data.train, mesh)
     hist, t0 = [], time.perf_counter()
     while int(state.round) < rounds:
-      state, m = round_fn(state, train)
+      state, m = round_fn(state, train, seed)
       raw = evaluate(state.server, state.clients, data.test, data.test_x, data.test_y)
       row = {"round": int(state.round),
              **evaluation.summarize(raw, int(data.test_y.shape[0]))}
@@ -160,8 +161,8 @@ def write_tables(table, shapes, inv, path, methods, partitions):
     cells = []
     for p in partitions:
       t = table[(m, p)]
-      cells += [f"{100 * np.mean(t['final']):.2f} ± {100 * np.std(t['final']):.2f}",
-                f"{100 * np.mean(t['best']):.2f} ± {100 * np.std(t['best']):.2f}"]
+      cells += [f"{100 * np.mean(t['final']):.2f} ± {100 * sample_std(t['final']):.2f}",
+                f"{100 * np.mean(t['best']):.2f} ± {100 * sample_std(t['best']):.2f}"]
     lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
   lines += ["", "| method | upload / round (PRA, actual) | upload / round (PAT, actual) | "
             "upload / round (dense shapes) | broadcast / round (actual, PRA) | "

@@ -14,10 +14,11 @@ evaluated with :mod:`fedjax_sim.repr_metrics` every ``eval_every`` rounds
 
 Compile sharing (this machine has 2 CPU cores, and one round program compiles
 in ~20 s): FedAlignUniform and the SSD ablations are one program (SSD's loss
-with the weights (beta, gamma, delta) in the server state), and a seed changes
-only the initial state (init key, the algorithm's salt, the sampler's salt)
-and the data arrays, re-padded to a common N; ``make_round``'s own seed is
-fixed at 0. So a (setting, alpha) cell compiles two round programs (the
+with the weights (beta, gamma, delta) in the server state), and the seed is
+the round function's traced argument (``make_round(seed=None)``); the data
+arrays of all seeds are re-padded to a common N. A seed changes the
+partition, the split, the init and every round key, each from its own stream
+(:mod:`fedjax_sim.seeding`). So a (setting, alpha) cell compiles two round programs (the
 AlignUniform family and FedSimCLR) and one evaluation.
 
 Outputs under ``--out``: ``ssd_digits_results.json`` (every curve; rewritten
@@ -48,7 +49,8 @@ from fedjax_sim.data import build_federated_data
 from fedjax_sim.launch.configs.ssd_digits import get_config
 from fedjax_sim.repr_metrics import make_repr_eval
 from fedjax_sim.round import init_state, make_mesh, make_round, replicate
-from fedjax_sim.sampling import Sampler
+from fedjax_sim import sampling
+from fedjax_sim.metrics import sample_std
 
 # name -> (program, loss weights (beta, gamma, delta))
 METHODS: dict[str, tuple[str, dict]] = {
@@ -61,21 +63,6 @@ METHODS: dict[str, tuple[str, dict]] = {
 METRICS = ("uniformity_global_enc", "uniformity_global_proj", "uniformity_local_enc",
            "uniformity_local_proj", "uniformity_test_enc", "alignment_test_enc",
            "alignment_test_proj", "knn_accuracy", "linear_probe_accuracy")
-
-
-def salted_uniform(num_clients: int, clients_per_round: int, salt: int) -> Sampler:
-  """K of C clients uniformly without replacement; the key is salted by the state.
-
-  The salt lives in the sampler STATE (int32 []), so runs with different seeds
-  draw different cohorts from one compiled round (whose seed is fixed).
-  """
-  def sample(key, round, state):
-    del round
-    ids = jax.random.choice(jax.random.fold_in(key, state), num_clients, (clients_per_round,),
-                            replace=False)
-    return ids.astype(jnp.int32), state
-
-  return Sampler(lambda: jnp.int32(salt), sample, num_clients, clients_per_round)
 
 
 def run_cell(setting: str, alpha: float, seeds: list[int], methods: list[str],
@@ -122,18 +109,19 @@ def run_cell(setting: str, alpha: float, seeds: list[int], methods: list[str],
       for sd in seeds}
 
   round_fns = {}
+  sampler = sampling.uniform(c, k)
   for name in methods:
     prog, coef = METHODS[name]
     alg = programs[prog]
     if prog not in round_fns:
-      round_fns[prog] = make_round(alg, salted_uniform(c, k, 0), seed=0, mesh=mesh,
+      round_fns[prog] = make_round(alg, sampler, seed=None, mesh=mesh,
                                    chunk_size=cfg.chunk_size or None,
                                    rounds_per_call=cfg.rounds_per_call)
     rf = round_fns[prog]
     out["runs"][name] = {}
     for sd in seeds:
       t0 = time.time()
-      state = init_state(alg, salted_uniform(c, k, sd), c, sd)
+      state = init_state(alg, sampler, c, sd)
       if coef:
         state = state._replace(server=state.server._replace(
             coef={kk: jnp.float32(v) for kk, v in coef.items()}))
@@ -141,7 +129,7 @@ def run_cell(setting: str, alpha: float, seeds: list[int], methods: list[str],
       curve = [{"round": 0, **evals[sd](state.server.params, eval_key)}]
       losses = []
       while int(state.round) < cfg.rounds:
-        state, m = rf(state, trains[sd])
+        state, m = rf(state, trains[sd], sd)
         losses += [float(v) for v in np.asarray(m["loss"])]
         if not np.all(np.isfinite(losses)):
           raise FloatingPointError(f"{name} seed {sd}: non-finite loss by round {len(losses)}")
@@ -177,7 +165,7 @@ def summarize(cells: list[dict]) -> str:
       cells_txt = []
       for key, _, sign in cols:
         v = sign * np.array([f[key] for f in finals])
-        cells_txt.append(f"{v.mean():.3f} ± {v.std():.3f}")
+        cells_txt.append(f"{v.mean():.3f} ± {sample_std(v):.3f}")
       lines.append(f"| {n} | " + " | ".join(cells_txt) + " |")
   lines.append(_paired(cells))
   return "\n".join(lines) + "\n"
@@ -203,7 +191,7 @@ def _paired(cells: list[dict]) -> str:
       for key, _, sign in cols:
         d = np.array([sign * (runs[sd]["curve"][-1][key] - base[sd]["curve"][-1][key])
                       for sd in runs])
-        txt.append(f"{d.mean():+.3f} ± {d.std():.3f} ({int(np.sum(d > 0))}/{d.size})")
+        txt.append(f"{d.mean():+.3f} ± {sample_std(d):.3f} ({int(np.sum(d > 0))}/{d.size})")
       lines.append(f"| {cell['setting']} Dir({cell['alpha']}) | {name} | " + " | ".join(txt)
                    + " |")
   return "\n".join(lines)
@@ -235,7 +223,8 @@ def plot(cells: list[dict], out_dir: str) -> list[str]:
         x = [p["round"] for p in curves[0]]
         y = sign * np.array([[p[key] for p in cv] for cv in curves])
         ax.plot(x, y.mean(0), label=name, marker="o", ms=3)
-        ax.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), alpha=0.15)
+        sd = sample_std(y)
+        ax.fill_between(x, y.mean(0) - sd, y.mean(0) + sd, alpha=0.15)
       rawv = sign * np.mean([r[key] for r in cell["raw_pixels"].values()])
       ax.axhline(rawv, color="gray", ls="--", lw=1, label="raw pixels")
       ax.set_title(f"{cell['setting']} ({cell['clients']} clients, {cell['clients_per_round']}"
