@@ -13,7 +13,7 @@ FedAllRep, LG-FedAvg and local training, all as model pools of split models
   global prototype (Eq. 8; divided by D as in the official code's
   ``nn.MSELoss``). Evaluation uses each client's own model.
 * FedGH: Yi et al., "FedGH: Heterogeneous Federated Learning with Generalized
-  Global Header", arXiv 2305.13137 (ACM MM 2023), Alg. 1: clients replace
+  Global Header", arXiv 2303.13137 (ACM MM 2023), Alg. 1: clients replace
   their head by the global header, train CE, upload class prototypes; the
   server trains the global header on the (prototype, class) pairs with CE.
   The server trainer is the one FedRE uses (1 epoch SGD lr 0.01 batch 32, loss

@@ -2,7 +2,7 @@
 
 FedRE (Zhu et al., "FedRE: A Representation Entanglement Framework for
 Model-Heterogeneous Federated Learning", arXiv 2511.22265, CVPR 2026) and the
-prototype baselines (FedProto, arXiv 2105.00243; FedGH, arXiv 2305.13137)
+prototype baselines (FedProto, arXiv 2105.00243; FedGH, arXiv 2303.13137)
 split every client's model into a feature extractor ``g_k`` (architecture
 differs per client), a representation mapping ``RM`` to a COMMON dimension D,
 and a classifier head ``f`` (D -> L, the same shape for every client, so it can
