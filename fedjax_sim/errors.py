@@ -15,3 +15,9 @@ class DivergedError(FedSimError, FloatingPointError):
 
 class CheckpointError(FedSimError):
   """A checkpoint is missing, mismatched or corrupt."""
+
+
+class UsageError(FedSimError, ValueError):
+  """A command-line argument is invalid: an unknown ``--config.<key>``, a value of the wrong
+  type, a ``--config`` file that is not a Python config, a ``--workdir`` that cannot be
+  created, an unknown command."""

@@ -28,6 +28,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 def validate_config(cfg) -> None:
   """Checks config values before anything is built.
 
+  Every integer setting (also inside tuples such as ``model_kwargs.hidden``)
+  must fit int32 (counts and the seed are int32 on device) and every float
+  setting must be finite; then the engine's settings are range-checked, the
+  names (algorithm, model, sampler) looked up, and ``model_kwargs`` matched to
+  the model's fields. Values that need the data (e.g. ``classes_per_client``
+  against the dataset's classes) are checked where the data is built.
+
   Raises:
     ConfigError: one line naming the setting and the fix.
   """
@@ -35,6 +42,24 @@ def validate_config(cfg) -> None:
     if not cond:
       raise ConfigError(msg)
 
+  def settings(node, prefix=""):  # (dotted key, value); each element of a tuple on its own
+    for k, v in node.items():
+      if hasattr(v, "items"):
+        yield from settings(v, f"{prefix}{k}.")
+      elif isinstance(v, (tuple, list)):
+        yield from ((f"{prefix}{k}", x) for x in v)
+      else:
+        yield f"{prefix}{k}", v
+
+  for key, v in settings(cfg):
+    if isinstance(v, int) and not isinstance(v, bool):
+      need(-2**31 <= v < 2**31, f"{key}={v} does not fit in int32 (|value| < 2**31); set "
+           f"--config.{key} to a smaller number.")
+    elif isinstance(v, float):
+      need(math.isfinite(v), f"{key}={v} must be a finite number; set --config.{key}.")
+  need(isinstance(cfg.seed, int) and 0 <= cfg.seed < 2**31,
+       f"seed={cfg.seed!r} must be an integer in [0, 2**31) (it is traced as int32); set "
+       "--config.seed (e.g. 0).")
   need(cfg.rounds >= 1, f"rounds={cfg.rounds} must be >= 1; set --config.rounds.")
   need(cfg.batch_size >= 1, f"batch_size={cfg.batch_size} must be >= 1; set --config.batch_size "
        "(e.g. 10).")
@@ -54,14 +79,41 @@ def validate_config(cfg) -> None:
          "smaller = more skew, e.g. 0.1 or 0.5); set --config.data.alpha.")
   need(cfg.eval_every >= 1, f"eval_every={cfg.eval_every} must be >= 1.")
   need(cfg.checkpoint_every >= 1, f"checkpoint_every={cfg.checkpoint_every} must be >= 1.")
+  need(cfg.max_checkpoints >= 1, f"max_checkpoints={cfg.max_checkpoints} must be >= 1 (how many "
+       "checkpoints to keep; 0 would keep none, so nothing could resume); set "
+       "--config.max_checkpoints.")
   need(cfg.rounds_per_call >= 1, f"rounds_per_call={cfg.rounds_per_call} must be >= 1.")
   need(cfg.chunk_size >= 0, f"chunk_size={cfg.chunk_size} must be >= 0 (0 = no chunking).")
+  visible = len(jax.devices())
+  need(0 <= cfg.num_devices <= visible,
+       f"num_devices={cfg.num_devices} but {visible} device(s) are visible; set "
+       f"--config.num_devices to at most {visible} (0 = all visible devices).")
   from fedjax_sim.algorithms import ALGORITHMS, POOLED_ALGORITHMS
   known = sorted(ALGORITHMS) + sorted(POOLED_ALGORITHMS)
   need(cfg.algorithm in known, f"unknown algorithm '{cfg.algorithm}'; set "
        f"--config.algorithm to one of {', '.join(known)}.")
   need(cfg.model in models.MODELS, f"unknown model '{cfg.model}'; set --config.model to one of "
        f"{', '.join(sorted(models.MODELS))}.")
+  optimizers = ("sgd", "adam", "yogi", "adagrad")  # fedjax_sim.algorithms.server_optimizer
+  need(cfg.get("server_optimizer", "sgd") in optimizers, "unknown server optimizer "
+       f"'{cfg.get('server_optimizer')}'; set --config.server_optimizer to one of "
+       f"{', '.join(optimizers)}.")
+  samplers = ("uniform", "availability", "schedule")  # fedjax_sim.sampling.build_sampler
+  need(cfg.get("sampler", "uniform") in samplers, f"unknown sampler '{cfg.get('sampler')}'; set "
+       f"--config.sampler to one of {', '.join(samplers)}.")
+  if cfg.algorithm not in POOLED_ALGORITHMS:  # model pools build their own models from archs
+    fields = [f.name for f in dataclasses.fields(models.MODELS[cfg.model])
+              if f.name not in ("parent", "name", "num_classes")]
+    kwargs = dict(cfg.get("model_kwargs") or {})
+    extra = sorted(set(kwargs) - set(fields))
+    need(not extra, f"model_kwargs.{', model_kwargs.'.join(extra)} does not apply to model "
+         f"'{cfg.model}' (it takes {', '.join(fields)}); use a config file whose model_kwargs fit "
+         "the model (e.g. launch/configs/fedavg_cifar10.py for cnn).")
+    for k, v in kwargs.items():  # layer widths and counts
+      for x in (v if isinstance(v, (tuple, list)) else (v,)):
+        need(isinstance(x, int) and not isinstance(x, bool) and x >= 1,
+             f"model_kwargs.{k}={v!r}: every entry must be an integer >= 1 (a layer width or "
+             f"count); set --config.model_kwargs.{k} (e.g. (32,)).")
 
 
 @dataclasses.dataclass
