@@ -211,7 +211,8 @@ def fedre(archs: Sequence[str], spec: Any, clients_per_round: int, *, client_lr:
     valid = jnp.concatenate([i.valid for i in infos]) & (jnp.sum(up.label, -1) > 0)
     head, head_loss = rm_lib.train_head(
         state.head, up.rep, up.label, valid, rng, lr=server_lr, batch_size=server_batch_size,
-        epochs=server_epochs, reduction=server_reduction)
+        epochs=server_epochs, reduction=server_reduction,
+        row_ids=rm_lib.upload_ids(infos, spec.num_clients))
     k = jnp.sum(valid).astype(jnp.float32)
     return ServerState(head, state.weight_key), {
         "head_loss": head_loss, "valid_uploads": k,

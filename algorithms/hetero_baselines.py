@@ -133,12 +133,20 @@ def fedproto(archs: Sequence[str], spec: Any, clients_per_round: int, *, lam: fl
       pools=pools)
 
 
-def _head_server(dim, num_classes, server_kw, reps_targets_valid):
-  """A server update that trains the global head on uploaded pairs (FedGH, FedAllRep)."""
+def _head_server(dim, num_classes, num_clients, server_kw, reps_targets_valid):
+  """A server update that trains the global head on uploaded pairs (FedGH, FedAllRep).
+
+  ``reps_targets_valid(up, valid, ids, num_classes)`` with ``ids`` int32 [K_tot] the
+  uploads' (pool, client) ids returns (reps, targets, valid, row ids, scalars sent) of the
+  pairs; row ids name a pair by (pool, client, row), so the head's SGD order does not
+  depend on the cohort layout.
+  """
   def server_update(state, uploads, weights, infos, rng):
     up, valid = rm_lib.concat_pools(uploads), _valid(infos)
-    reps, targets, rvalid, sent = reps_targets_valid(up, valid, num_classes)
-    head, loss = rm_lib.train_head(state.head, reps, targets, rvalid, rng, **server_kw)
+    ids = rm_lib.upload_ids(infos, num_clients)
+    reps, targets, rvalid, row_ids, sent = reps_targets_valid(up, valid, ids, num_classes)
+    head, loss = rm_lib.train_head(state.head, reps, targets, rvalid, rng, row_ids=row_ids,
+                                   **server_kw)
     k = jnp.sum(valid).astype(jnp.float32)
     return HeadState(head), {
         "head_loss": loss, "server_pairs": jnp.sum(rvalid).astype(jnp.float32),
@@ -163,7 +171,8 @@ def _head_algorithm(name, archs, spec, clients_per_round, make_upload, reps_targ
   return FederatedAlgorithm(
       name=name, init=lambda rng: HeadState(rm_lib.init_head(rng, dim, num_classes)),
       init_client=None, client_update=None,
-      server_update=_head_server(dim, num_classes, server_kw, reps_targets_valid),
+      server_update=_head_server(dim, num_classes, spec.num_clients, server_kw,
+                                 reps_targets_valid),
       eval_params=None, apply_fn=None, broadcast=lambda s: s.head, personalized=True,
       pools=pools)
 
@@ -183,12 +192,14 @@ def fedgh(archs: Sequence[str], spec: Any, clients_per_round: int, *, client_ids
     z = rm_lib.all_features(model, params, data.x, bs)
     return ProtoUpload(*rm_lib.class_prototypes(z, data.y, data.mask, spec.num_classes))
 
-  def pairs(up, valid, num_classes):
+  def pairs(up, valid, ids, num_classes):
     k = up.protos.shape[0]
     rvalid = ((up.counts > 0) & valid[:, None]).reshape(-1)
     targets = jnp.broadcast_to(jnp.eye(num_classes), (k, num_classes, num_classes))
     sent = jnp.sum(rvalid).astype(jnp.float32) * (dim + 1)
-    return (up.protos.reshape(-1, dim), targets.reshape(-1, num_classes), rvalid, sent)
+    row_ids = (ids[:, None] * num_classes + jnp.arange(num_classes)).reshape(-1)
+    return (up.protos.reshape(-1, dim), targets.reshape(-1, num_classes), rvalid, row_ids,
+            sent)
 
   return _head_algorithm("fedgh", archs, spec, clients_per_round, make_upload, pairs, kw,
                          _server_kw(server_lr, server_batch_size, server_epochs,
@@ -204,11 +215,13 @@ def fedallrep(archs: Sequence[str], spec: Any, clients_per_round: int, *, client
   def make_upload(model, params, data):
     return AllRepUpload(rm_lib.all_features(model, params, data.x, bs), data.y, data.mask)
 
-  def pairs(up, valid, num_classes):
+  def pairs(up, valid, ids, num_classes):
     rvalid = (up.mask & valid[:, None]).reshape(-1)
     targets = jax.nn.one_hot(up.labels.reshape(-1), num_classes)
     sent = jnp.sum(rvalid).astype(jnp.float32) * (dim + 1)
-    return up.reps.reshape(-1, dim), targets, rvalid, sent
+    n = up.mask.shape[1]
+    row_ids = (ids[:, None] * n + jnp.arange(n)).reshape(-1)
+    return up.reps.reshape(-1, dim), targets, rvalid, row_ids, sent
 
   return _head_algorithm("fedallrep", archs, spec, clients_per_round, make_upload, pairs, kw,
                          _server_kw(server_lr, server_batch_size, server_epochs,

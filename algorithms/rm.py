@@ -28,7 +28,7 @@ common dim, L classes, K cohort.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -160,7 +160,8 @@ def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 def train_head(head: dict, reps: jax.Array, targets: jax.Array, valid: jax.Array,
                rng: jax.Array, *, lr: float, batch_size: int, epochs: int = 1,
-               reduction: str = "sum") -> tuple[dict, jax.Array]:
+               reduction: str = "sum",
+               row_ids: Optional[jax.Array] = None) -> tuple[dict, jax.Array]:
   """Server-side SGD of the shared head on uploaded (representation, soft label) pairs.
 
   The FedRE official server (``serverre.py``, ``train_head``): one epoch over
@@ -171,10 +172,19 @@ def train_head(head: dict, reps: jax.Array, targets: jax.Array, valid: jax.Array
   has a zero gradient, so plain SGD leaves the head unchanged (the static
   batch count ceil(M / B) equals the official ceil(M_valid / B) in effect).
 
+  Epoch e visits the valid rows in the order of their random scores (key
+  ``fold_in(rng, e)``): by position, ``uniform(key, (M_pad,))``, or, with
+  ``row_ids``, row i's ``bits(fold_in(key, row_ids[i]))`` (uint32; ties by id), so
+  the order does not depend on where a pair sits in ``reps``: the server
+  updates pass ids derived from (pool, client id), and the round builder's
+  cohort layout (size order, padding slots, chunks, devices) then cannot
+  change the result.
+
   Args:
     head: {"kernel" [D, L], "bias" [L]}.
     reps: float32 [M, D].  targets: float32 [M, L] (rows sum to 1).
     valid: bool [M].  rng: shuffling key.
+    row_ids: optional int32 [M], distinct layout-free ids of the valid rows.
 
   Returns:
     (new head, mean loss per valid row over the epoch(s) float32 []).
@@ -195,8 +205,13 @@ def train_head(head: dict, reps: jax.Array, targets: jax.Array, valid: jax.Array
 
   def epoch(e, carry):
     h, loss_sum = carry
-    scores = jax.random.uniform(jax.random.fold_in(rng, e), (m + pad,))
-    perm = jnp.argsort(jnp.where(valid, scores, 2.0))
+    ekey = jax.random.fold_in(rng, e)
+    if row_ids is None:
+      perm = jnp.argsort(jnp.where(valid, jax.random.uniform(ekey, (m + pad,)), 2.0))
+    else:
+      ids = jnp.pad(jnp.asarray(row_ids, jnp.int32), (0, pad))
+      bits = jax.vmap(lambda i: jax.random.bits(jax.random.fold_in(ekey, i), (), jnp.uint32))(ids)
+      perm = jnp.lexsort((ids, bits, ~valid))  # valid rows first, by score, ties by id
 
     def step(b, c):
       h, ls = c
@@ -258,3 +273,13 @@ def split_pools(archs, spec, clients_per_round: int, client_update: Callable, *,
 def concat_pools(tree_tuple) -> PyTree:
   """Concatenates per-pool stacked pytrees ([K_p, ...] each) to [K_tot, ...]."""
   return jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *tree_tuple)
+
+
+def upload_ids(infos, num_clients: int) -> jax.Array:
+  """int32 [K_tot]: p * C + client id for pool p's slots, concatenated as :func:`concat_pools`.
+
+  Names an upload by (pool, client), not by its slot, for :func:`train_head`'s ``row_ids``
+  (padding slots repeat an id; they are invalid rows).
+  """
+  return jnp.concatenate([p * num_clients + i.client_ids.astype(jnp.int32)
+                          for p, i in enumerate(infos)])

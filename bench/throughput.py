@@ -10,12 +10,12 @@ What is compared (FedAvg, MLP 2NN, batch B=10, E=1 local epoch, client lr 0.1):
   ``vmap``-ed ``client_update`` (optionally in ``lax.map``-ed chunks of
   ``chunk_size`` clients), the server update and ``rounds_per_call`` rounds
   fused with ``lax.scan``, all in one jitted program.
-* **reference**: the same math as a Python loop: a jitted "plan" (round key,
-  cohort, broadcast), then ONE jitted single-client ``algorithm.client_update``
-  called once per cohort member (same client keys ``fold_in(k_clients, id)``,
-  same ``ClientInfo``), then a jitted ``server_update`` on the stacked uploads.
-  Calls are dispatched asynchronously, so the loop is not serialized on Python
-  more than it must be.
+* **reference**: ``fedjax_sim.reference.make_reference_round``, the same math
+  as a Python loop: a jitted "plan" (round keys, cohort, broadcast), then ONE
+  jitted single-client ``algorithm.client_update`` called once per cohort
+  member (same client keys ``fold_in(k_clients, id)``, same ``ClientInfo``),
+  then a jitted ``server_update`` on the stacked uploads. Calls are dispatched
+  asynchronously, so the loop is not serialized on Python more than it must be.
 
 Per configuration it reports steady-state rounds/s (every runner trains the
 same rounds 1..M -- same cohorts -- in interleaved sweeps; median sweep time),
@@ -52,8 +52,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fedjax_sim import models, sampling  # noqa: E402
-from fedjax_sim.algorithm import ClientInfo, ServerInfo  # noqa: E402
 from fedjax_sim.algorithms import fedavg  # noqa: E402
+from fedjax_sim.reference import make_reference_round  # noqa: E402
 from fedjax_sim.round import (SimState, init_state, make_mesh, make_round,  # noqa: E402
                               replicate)
 
@@ -110,56 +110,6 @@ def train_flops_per_example(layer_dims: Sequence[int]) -> int:
   """
   macs = [a * b for a, b in zip(layer_dims[:-1], layer_dims[1:])]
   return 2 * sum(macs) + 2 * sum(macs) + 2 * sum(macs[1:])
-
-
-# ----------------------------------------------------------------- reference round
-
-
-def make_reference_round(algorithm, sampler, *, seed: int):
-  """The same round as ``make_round`` as a per-client Python loop (no vmap, no padding).
-
-  Returns ``round_fn(state, data) -> (state, metrics)`` (one round per call).
-  """
-
-  @jax.jit
-  def plan(state: SimState):
-    rkey = jax.random.fold_in(jax.random.PRNGKey(seed), state.round)
-    k_sample, k_clients, k_server = jax.random.split(rkey, 3)
-    cohort, sampler_state = sampler.sample(k_sample, state.round, state.sampler)
-    return cohort, k_clients, k_server, sampler_state, algorithm.broadcast(state.server)
-
-  @jax.jit
-  def one_client(bcast, clients, data, cid, k_clients, rnd):
-    cdata = jax.tree.map(lambda a: a[cid], data)
-    cstate = jax.tree.map(lambda a: a[cid], clients)
-    rng = jax.random.fold_in(k_clients, cid)
-    return algorithm.client_update(bcast, cstate, cdata, rng,
-                                   ClientInfo(cid, rnd, jnp.bool_(True)))
-
-  @jax.jit
-  def finish(state: SimState, uploads, new_cstates, cohort, k_server, sampler_state, data):
-    num_ex = data.num_examples[cohort]
-    valid = jnp.ones(cohort.shape, bool)
-    server, _ = algorithm.server_update(
-        state.server, uploads, num_ex.astype(jnp.float32),
-        ServerInfo(state.round, cohort, num_ex, valid), k_server)
-    clients = jax.tree.map(lambda a, u: a.at[cohort].set(u), state.clients, new_cstates)
-    return SimState(state.round + 1, server, clients, sampler_state)
-
-  stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
-
-  def round_fn(state: SimState, data):
-    cohort, k_clients, k_server, sampler_state, bcast = plan(state)
-    outs = [one_client(bcast, state.clients, data, np.int32(c), k_clients, state.round)
-            for c in np.asarray(cohort)]
-    uploads, new_cstates, cmetrics = (stack([o[i] for o in outs]) for i in range(3))
-    state = finish(state, uploads, new_cstates, cohort, k_server, sampler_state, data)
-    useful = jnp.sum(cmetrics["useful_examples"])
-    metrics = {"useful_examples": useful,
-               "padding_efficiency": useful / jnp.maximum(jnp.sum(cmetrics["batch_slots"]), 1.0)}
-    return state, jax.tree.map(lambda m: m[None], metrics)
-
-  return round_fn
 
 
 # ------------------------------------------------------------------------ measuring

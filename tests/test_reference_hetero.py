@@ -22,8 +22,9 @@
 
 One detail comes from the code, not a paper: train_head's epoch order (valid
 rows sorted by ``uniform(fold_in(rng, epoch))``), restated once in
-:func:`_orders`, since SGD over several batches depends on the order. The
-full-batch cases need no order at all.
+:func:`_orders`, since SGD over several batches depends on the order; the
+FedGH/FedAllRep server updates pass row ids (pool, client, row), whose order
+:func:`_orders_by_id` restates. The full-batch cases need no order at all.
 
 Axis legend: K cohort, N examples, M pairs, B batch, D common dim, L classes.
 """
@@ -103,6 +104,16 @@ def _orders(rng, valid, batch_size, epochs):
           for e in range(epochs)]
 
 
+def _orders_by_id(rng, valid, row_ids, epochs):
+  """The same with ``row_ids`` (int [M]): valid rows by ``bits(fold_in(fold_in(rng, e),
+  id))`` (uint32), ties by id, whatever their positions."""
+  vidx = np.flatnonzero(valid)
+  ids = np.asarray(row_ids)[vidx]
+  bits = lambda e: [int(jax.random.bits(jax.random.fold_in(jax.random.fold_in(rng, e), int(i)),
+                                        (), jnp.uint32)) for i in ids]
+  return [vidx[np.lexsort((ids, bits(e)))] for e in range(epochs)]
+
+
 def _pairs(m, n_invalid, seed=0):
   """M soft-label pairs, ``n_invalid`` of them invalid and filled with garbage."""
   rng = np.random.default_rng(seed)
@@ -156,7 +167,7 @@ def test_train_head_without_valid_rows_keeps_the_head():
 # FedGH, FedAllRep, LG-FedAvg.
 
 ARCHS = ("mlp_s", "mlp_m")
-SPEC = DataSpec((8, 8, 1), L, 7)  # pools of 4 and 3 clients; K = 5 splits as 3 + 2
+DATA_SPEC = DataSpec((8, 8, 1), L, 7)  # pools of 4 and 3 clients; K = 5 splits as 3 + 2
 KW = dict(batch_size=8, dim=D, rm="avg", epochs=1, local_steps=0, client_momentum=0.0,
           lr_decay=1.0)
 BUILD = {"fedgh": hb.fedgh, "fedallrep": hb.fedallrep, "lg_fedavg": hb.lg_fedavg}
@@ -164,12 +175,12 @@ HEAD_METHODS = list(BUILD)
 
 
 def _build(name, client_lr=0.05, **server_kw):
-  return BUILD[name](ARCHS, SPEC, 5, client_lr=client_lr, **KW, **server_kw)
+  return BUILD[name](ARCHS, DATA_SPEC, 5, client_lr=client_lr, **KW, **server_kw)
 
 
 def _model(arch):
   """The pool's split model, rebuilt (pure functions: same params, same features)."""
-  return rm_lib.split_model(arch, SPEC.input_shape, L, D, "avg")
+  return rm_lib.split_model(arch, DATA_SPEC.input_shape, L, D, "avg")
 
 
 def _one_client(n=16, n_real=11, seed=0):
@@ -236,6 +247,10 @@ def _server_inputs(uploads):
           infos)
 
 
+# The uploads' (pool, client) ids p * C + i the server derives from _server_inputs' infos.
+UPLOAD_IDS = np.array([0, 1, 2, DATA_SPEC.num_clients, DATA_SPEC.num_clients + 1])
+
+
 def _head_scalars_sent(k):
   return k * (D * L + L)
 
@@ -255,8 +270,10 @@ def test_fedgh_server_trains_the_head_on_present_class_prototypes():
   # The pairs (p_kc, onehot(c)) of real clients k and their present classes c (row k * L + c).
   use = ((counts > 0) & VALID[:, None]).reshape(-1)
   targets = np.tile(np.eye(L), (5, 1))
+  row_ids = (UPLOAD_IDS[:, None] * L + np.arange(L)).reshape(-1)
   w, b, loss = np_train_head(state.head, protos.reshape(-1, D), targets,
-                             _orders(key, use, 8, 2), lr=0.05, batch_size=8, reduction="sum")
+                             _orders_by_id(key, use, row_ids, 2), lr=0.05, batch_size=8,
+                             reduction="sum")
   np.testing.assert_allclose(new.head["kernel"], w, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(new.head["bias"], b, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(met["head_loss"], loss, rtol=1e-5)
@@ -279,8 +296,10 @@ def test_fedallrep_server_trains_the_head_on_every_real_pair():
   new, met = jax.jit(alg.server_update)(
       state, *_server_inputs(hb.AllRepUpload(reps, labels, mask)), key)
   use = (mask & VALID[:, None]).reshape(-1)
+  row_ids = (UPLOAD_IDS[:, None] * n + np.arange(n)).reshape(-1)
   w, b, loss = np_train_head(state.head, reps.reshape(-1, D), np.eye(L)[labels.reshape(-1)],
-                             _orders(key, use, 8, 2), lr=0.05, batch_size=8, reduction="sum")
+                             _orders_by_id(key, use, row_ids, 2), lr=0.05, batch_size=8,
+                             reduction="sum")
   np.testing.assert_allclose(new.head["kernel"], w, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(new.head["bias"], b, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(met["head_loss"], loss, rtol=1e-5)
@@ -327,7 +346,7 @@ def test_one_round_equals_numpy_from_the_trained_clients(name):
   alg = _build(name, **server_kw)
   assert [p.clients_per_round for p in alg.pools] == [3, 2]
   mesh = make_mesh(1)
-  state = init_state(alg, None, SPEC.num_clients, seed=0, mesh=mesh)
+  state = init_state(alg, None, DATA_SPEC.num_clients, seed=0, mesh=mesh)
   # chunk_size 2: pool 0's cohort of 3 is padded to 4 slots.
   new, met = make_round(alg, seed=0, mesh=mesh, chunk_size=2, donate=False)(state, data)
   y, mask, sizes = np.asarray(data.y), np.asarray(data.mask), np.asarray(data.num_examples)
@@ -370,7 +389,7 @@ def test_one_round_equals_numpy_from_the_trained_clients(name):
 # ---------------------------------------------------------------------------------------------
 # CODIST MERGED, alpha > 0.
 
-CSPEC = DataSpec((4, 4, 1), 3, 5)
+CODIST_DATA = DataSpec((4, 4, 1), 3, 5)
 DISTILL = dict(steps=2, lr=0.05, temperature=2.0)
 ADAM = dict(learning_rate=3e-3, b1=0.9, b2=0.99, eps=1e-3)
 
@@ -384,7 +403,7 @@ def _codist(opt_name):
   server_opt = optax.sgd(1.0) if opt_name == "sgd1" else optax.adam(**ADAM)
   rng = np.random.default_rng(0)
   server_x = rng.random((12, 4, 4, 1)).astype(np.float32)
-  alg = codist_lib.codist("mlp_s", "mlp_m", CSPEC, large_ids=[0, 1], server_x=server_x,
+  alg = codist_lib.codist("mlp_s", "mlp_m", CODIST_DATA, large_ids=[0, 1], server_x=server_x,
                           mode="merged", distill_steps=DISTILL["steps"], distill_lr=DISTILL["lr"],
                           temperature=DISTILL["temperature"], distill_batch=64, k_small=3,
                           k_large=2, server_opt=server_opt, client_lr=0.1, batch_size=4)
@@ -411,7 +430,7 @@ def _np_fedavg_delta(uploads, weights):
 
 @jax.jit
 def _codistill(params_small, params_large, server_x):
-  apply_s, apply_l = (zoo_functions(a, CSPEC)[0] for a in ("mlp_s", "mlp_m"))
+  apply_s, apply_l = (zoo_functions(a, CODIST_DATA)[0] for a in ("mlp_s", "mlp_m"))
   return codist_lib.codistill(apply_s, apply_l, params_small, params_large, server_x,
                               jax.random.PRNGKey(0), steps=DISTILL["steps"], lr=DISTILL["lr"],
                               temperature=DISTILL["temperature"], batch_size=64)[:2]
