@@ -35,6 +35,20 @@ def small_config() -> ml_collections.ConfigDict:
   return tiny_config()
 
 
+def random_image_clients(num_clients: int, n: int = 16, num_classes: int = 4, seed: int = 0):
+  """ClientData of random 8x8x1 images: x float32 [C, n, 8, 8, 1], labels in
+  [0, num_classes), client sizes drawn in [5, n] (the rest padding, label 0)."""
+  import jax.numpy as jnp
+  import numpy as np
+  from fedjax_sim.client_data import ClientData
+  rng = np.random.default_rng(seed)
+  x = rng.random((num_clients, n, 8, 8, 1)).astype(np.float32)
+  y = rng.integers(0, num_classes, (num_clients, n)).astype(np.int32)
+  sizes = rng.integers(5, n + 1, num_clients).astype(np.int32)
+  mask = np.arange(n)[None] < sizes[:, None]
+  return ClientData(jnp.asarray(x), jnp.asarray(y * mask), jnp.asarray(mask), jnp.asarray(sizes))
+
+
 def run_python(code: str, devices: int = 8, timeout: int = 300) -> str:
   """Runs ``code`` in a fresh interpreter with ``devices`` forced CPU devices; returns stdout."""
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",

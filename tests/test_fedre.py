@@ -10,7 +10,7 @@ from fedjax_sim.algorithms import fedre as fedre_lib
 from fedjax_sim.algorithms import hetero_baselines as hb
 from fedjax_sim.algorithms import rm as rm_lib
 from fedjax_sim.algorithms.pooled import DataSpec
-from fedjax_sim.client_data import ClientData
+from conftest import random_image_clients
 from fedjax_sim.round import init_state, make_mesh, make_round
 
 L, D = 4, 3
@@ -124,12 +124,7 @@ def test_server_ignores_padding_slots():
 
 
 def _small_data(num_clients=6, n=16, seed=0):
-  rng = np.random.default_rng(seed)
-  x = rng.random((num_clients, n, 8, 8, 1)).astype(np.float32)
-  y = rng.integers(0, L, (num_clients, n)).astype(np.int32)
-  sizes = rng.integers(5, n + 1, num_clients).astype(np.int32)
-  mask = np.arange(n)[None] < sizes[:, None]
-  return ClientData(jnp.asarray(x), jnp.asarray(y * mask), jnp.asarray(mask), jnp.asarray(sizes))
+  return random_image_clients(num_clients, n, L, seed)
 
 
 ARCHS = ("mlp_s", "mlp_l")  # two architectures = two pools (3 pools: tests/test_pools.py)

@@ -41,6 +41,7 @@ from fedjax_sim.algorithms import codist as codist_lib
 from fedjax_sim.algorithms import hetero_baselines as hb
 from fedjax_sim.algorithms import rm as rm_lib
 from fedjax_sim.algorithms.pooled import DataSpec, zoo_functions
+from conftest import random_image_clients
 from fedjax_sim.client_data import ClientData
 from fedjax_sim.round import init_state, make_mesh, make_round
 
@@ -329,12 +330,7 @@ def test_lg_fedavg_server_averages_real_heads_by_examples():
 
 
 def _round_data(num_clients=7, n=16, seed=0):
-  rng = np.random.default_rng(seed)
-  x = rng.random((num_clients, n, 8, 8, 1)).astype(np.float32)
-  y = rng.integers(0, L, (num_clients, n)).astype(np.int32)
-  sizes = rng.integers(5, n + 1, num_clients).astype(np.int32)
-  mask = np.arange(n)[None] < sizes[:, None]
-  return ClientData(jnp.asarray(x), jnp.asarray(y * mask), jnp.asarray(mask), jnp.asarray(sizes))
+  return random_image_clients(num_clients, n, L, seed)
 
 
 @pytest.mark.parametrize("name", HEAD_METHODS)
