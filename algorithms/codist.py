@@ -524,7 +524,7 @@ def build_codist(cfg: Any, spec: DataSpec) -> FederatedAlgorithm:
   :func:`server_holdout_mask`. High-capacity clients: a random
   ``large_fraction`` of the C clients (NumPy stream ``pools`` of ``cfg.seed``).
   """
-  from fedjax_sim.algorithms import _common, _server_opt
+  from fedjax_sim.algorithms.config_args import client_kwargs, server_opt
   c = cfg.codist
   keep, server_x = server_holdout_mask(cfg.data, cfg.batch_size, cfg.seed, c.server_size,
                                        c.server_seed)
@@ -534,4 +534,4 @@ def build_codist(cfg: Any, spec: DataSpec) -> FederatedAlgorithm:
                 mode=c.mode, alpha=c.alpha, period=c.period, distill_steps=c.distill_steps,
                 distill_lr=c.distill_lr, temperature=c.temperature, distill_batch=c.distill_batch,
                 k_small=cfg.clients_per_round, k_large=min(c.k_large, n_large),
-                server_opt=_server_opt(cfg), client_keep=keep, **_common(cfg))
+                server_opt=server_opt(cfg), client_keep=keep, **client_kwargs(cfg))

@@ -342,7 +342,7 @@ def build_corefed(name: str) -> Callable[..., FederatedAlgorithm]:
   alignment, distillation, contribution, reuse = PRESETS[name]
 
   def build(cfg, apply_fn, init_params):
-    from fedjax_sim.algorithms import embedding_fn
+    from fedjax_sim.algorithms.config_args import embedding_fn
     embed_fn, dim = embedding_fn(cfg, init_params)
     return corefed(apply_fn, init_params, embed_fn, num_clients=cfg.data.num_clients,
                    embed_dim=dim, clients_per_round=cfg.clients_per_round,

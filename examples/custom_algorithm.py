@@ -13,7 +13,7 @@ import optax
 from fedjax_sim import FederatedAlgorithm, init_state, make_round, tree_weighted_mean
 from fedjax_sim.algorithms import fedavg
 from fedjax_sim.launch.configs.base import get_base_config
-from fedjax_sim.simulation import build_experiment
+from fedjax_sim.launch.experiment import build_experiment
 
 SMOKE = bool(os.environ.get("FEDJAX_SIM_EXAMPLE_SMOKE"))
 

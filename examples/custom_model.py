@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from fedjax_sim import init_state, make_round
 from fedjax_sim.algorithms import fedavg, server_optimizer
 from fedjax_sim.launch.configs.base import get_base_config
-from fedjax_sim.simulation import build_experiment
+from fedjax_sim.launch.experiment import build_experiment
 
 SMOKE = bool(os.environ.get("FEDJAX_SIM_EXAMPLE_SMOKE"))
 

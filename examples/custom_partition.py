@@ -13,7 +13,7 @@ from fedjax_sim.client_data import pack, to_device
 from fedjax_sim.data import load_digits, train_test_split_clients
 from fedjax_sim.evaluation import make_evaluate, summarize
 from fedjax_sim.launch.configs.base import get_base_config
-from fedjax_sim.simulation import build_experiment
+from fedjax_sim.launch.experiment import build_experiment
 
 SMOKE = bool(os.environ.get("FEDJAX_SIM_EXAMPLE_SMOKE"))
 

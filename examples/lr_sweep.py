@@ -9,7 +9,7 @@ import os
 import tempfile
 
 from fedjax_sim.launch.configs.base import get_base_config
-from fedjax_sim.simulation import train_and_evaluate
+from fedjax_sim.launch.experiment import train_and_evaluate
 
 SMOKE = bool(os.environ.get("FEDJAX_SIM_EXAMPLE_SMOKE"))
 

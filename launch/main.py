@@ -8,7 +8,7 @@ With no arguments ``fedjax-sim run`` trains FedAvg on the embedded digits data
 
 Bad input never ends in a traceback: a config file that cannot be loaded, an
 unknown ``--config.<key>`` (the closest valid key is named), a value of the
-wrong type, a bad setting (:func:`fedjax_sim.simulation.validate_config`) or a
+wrong type, a bad setting (:func:`fedjax_sim.launch.experiment.validate_config`) or a
 ``--workdir`` that cannot be created exits non-zero with one line
 ``fedjax-sim: error: <what and how to fix it>`` on stderr (exit status 2 for
 command-line errors found before anything runs, 1 for errors during the run).
@@ -149,7 +149,7 @@ def config_from_argv(argv: Sequence[str]) -> ConfigDict:
   ``--config.<key>=<value>`` (also ``--config.<key> <value>`` and ``--noconfig.<flag>``)
   with ml_collections' own flag parsers, exactly as the CLI's ``--config`` flag
   does; values are not range-checked here (that is
-  :func:`fedjax_sim.simulation.validate_config`).
+  :func:`fedjax_sim.launch.experiment.validate_config`).
 
   Args:
     argv: the whole command line, ``argv[0]`` the program.
@@ -298,7 +298,7 @@ def main(argv):
       "runs", f"{cfg.algorithm}_{cfg.data.dataset.replace(':', '-')}_{time.strftime('%Y%m%d-%H%M%S')}")
   from fedjax_sim.errors import FedSimError
   from fedjax_sim.data import DatasetError, PartitionError
-  from fedjax_sim.simulation import build_experiment, train_and_evaluate
+  from fedjax_sim.launch.experiment import build_experiment, train_and_evaluate
   try:
     exp = build_experiment(cfg)  # checks the config before the run directory is made
     check_workdir(workdir)

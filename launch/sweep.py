@@ -293,7 +293,7 @@ def _run_single(cfg, workdir: str, p: Point) -> dict:
   from fedjax_sim.checkpoint import Checkpointer
   from fedjax_sim.data import DatasetError, PartitionError
   from fedjax_sim.errors import DivergedError, FedSimError
-  from fedjax_sim.simulation import train_and_evaluate
+  from fedjax_sim.launch.experiment import train_and_evaluate
   run_dir = os.path.join(workdir, p.name)
   ck = os.path.join(run_dir, "checkpoints")
   resume = False

@@ -50,7 +50,7 @@ from fedjax_sim.client_data import pad_examples
 from fedjax_sim import evaluation, models, sampling
 from fedjax_sim.checkpoint import Checkpointer
 from fedjax_sim.round import init_state, make_mesh, make_round
-from fedjax_sim.simulation import validate_config
+from fedjax_sim.launch.experiment import validate_config
 
 # Keys that are never vectorized: they change data, shapes or Python structure.
 SHAPE_KEYS_PREFIXES = ("data.", "availability.", "model_kwargs.", "corefed.window",

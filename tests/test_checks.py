@@ -6,7 +6,7 @@ from conftest import tiny_config
 from fedjax_sim.checks import AlgorithmError, check_algorithm
 from fedjax_sim.errors import ConfigError
 from fedjax_sim.round import init_state
-from fedjax_sim.simulation import build_experiment
+from fedjax_sim.launch.experiment import build_experiment
 
 
 @pytest.fixture(scope="module")

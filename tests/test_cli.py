@@ -24,7 +24,7 @@ from fedjax_sim.data import DatasetError, PartitionError
 from fedjax_sim.errors import FedSimError, UsageError
 from fedjax_sim.launch import main as cli_main
 from fedjax_sim.round import init_state, make_round
-from fedjax_sim.simulation import build_experiment
+from fedjax_sim.launch.experiment import build_experiment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(REPO, "launch", "configs", "fedavg_digits.py") + ":smoke"

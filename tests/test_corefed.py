@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_sim import metrics, simulation
+from fedjax_sim import metrics
+from fedjax_sim.launch import experiment
 from fedjax_sim.algorithm import ServerInfo
 from fedjax_sim.algorithms import corefed as cf
 from fedjax_sim.round import make_round
@@ -164,7 +165,7 @@ def tiny():
   c.algorithm, c.sampler, c.progress = "corefed", "availability", False
   c.data.num_clients, c.clients_per_round, c.chunk_size = 12, 4, 0
   c.model_kwargs.hidden = (16,)
-  return c, simulation.build_experiment(c)
+  return c, experiment.build_experiment(c)
 
 
 def _algorithm(tiny, name, **knobs):

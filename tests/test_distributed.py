@@ -11,7 +11,7 @@ import numpy as np
 
 from fedjax_sim.checkpoint import Checkpointer
 from fedjax_sim.round import init_state
-from fedjax_sim.simulation import build_experiment
+from fedjax_sim.launch.experiment import build_experiment
 
 ARGS = ["run", "--config.data.num_clients=20", "--config.clients_per_round=6",
         "--config.rounds=4", "--config.eval_every=2", "--config.checkpoint_every=2",

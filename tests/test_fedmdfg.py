@@ -11,7 +11,7 @@ from fedjax_sim import seeding
 from fedjax_sim.algorithm import ServerInfo
 from fedjax_sim.algorithms.fedmdfg import fedmdfg, min_norm_element
 from fedjax_sim.round import init_state, make_round
-from fedjax_sim.simulation import build_experiment
+from fedjax_sim.launch.experiment import build_experiment
 
 
 def qp_reference(rows: np.ndarray) -> np.ndarray:

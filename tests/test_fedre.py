@@ -206,7 +206,7 @@ def test_comm_accounting_from_shapes():
 
 
 def test_inversion_pair_scores_weighted_and_best_match():
-  from fedjax_sim import inversion
+  from fedjax_sim.algorithms import inversion
   recon = np.array([[0.0, 0.0], [1.0, 1.0]])
   targets = np.array([[0.0, 0.1], [0.5, 0.5], [1.0, 1.0]])
   w = np.array([[0.25, 0.75, 0.0], [0.0, 0.0, 1.0]])

@@ -43,7 +43,7 @@ def _load(name):
                                           ("corefed_cifar10", "cifar10")])
 def test_tfds_configs_run_on_mock_data(tmp_path, name, dataset):
   import tensorflow_datasets as tfds
-  from fedjax_sim.simulation import train_and_evaluate
+  from fedjax_sim.launch.experiment import train_and_evaluate
   cfg = _load(name).get_config("smoke")
   assert cfg.data.dataset == f"tfds:{dataset}"
   cfg.data.num_clients, cfg.clients_per_round, cfg.rounds = 6, 2, 2

@@ -47,7 +47,7 @@ from conftest import run_python, tiny_config
 from fedjax_sim.algorithms import ALGORITHMS, POOLED_ALGORITHMS
 from fedjax_sim.reference import make_reference_round
 from fedjax_sim.round import cohort_layout, init_state, make_round
-from fedjax_sim.simulation import build_experiment
+from fedjax_sim.launch.experiment import build_experiment
 
 NAMES = [*ALGORITHMS, *POOLED_ALGORITHMS]
 ROUNDS = 3
@@ -199,7 +199,7 @@ import jax
 assert jax.device_count() == 8
 import test_registry_equivalence as t
 from fedjax_sim.round import init_state, make_mesh, make_round, replicate
-from fedjax_sim.simulation import build_experiment
+from fedjax_sim.launch.experiment import build_experiment
 out = {{}}
 for name in {names!r}:
   exp = build_experiment(t.experiment_config(name))

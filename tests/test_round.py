@@ -9,7 +9,7 @@ from fedjax_sim.algorithm import ClientInfo
 from fedjax_sim.client_data import pack
 from fedjax_sim.reference import make_reference_round
 from fedjax_sim.round import init_state, make_mesh, make_round
-from fedjax_sim.simulation import build_experiment
+from fedjax_sim.launch.experiment import build_experiment
 
 
 def _params_close(a, b, atol=1e-5):

@@ -54,7 +54,7 @@ def test_scaffold_client_and_server_match_numpy():
 
 def test_scaffold_runs_in_the_vectorized_round(small_config):
   from fedjax_sim.round import init_state, make_round
-  from fedjax_sim.simulation import build_experiment
+  from fedjax_sim.launch.experiment import build_experiment
   small_config.algorithm = "scaffold"
   exp = build_experiment(small_config)
   state = init_state(exp.algorithm, exp.sampler, exp.data.num_clients, 0, exp.mesh)

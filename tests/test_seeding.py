@@ -6,7 +6,7 @@ import pytest
 
 from fedjax_sim import sampling, seeding
 from fedjax_sim.round import init_state, make_round
-from fedjax_sim.simulation import build_experiment
+from fedjax_sim.launch.experiment import build_experiment
 
 
 def _bits(key) -> tuple:

@@ -12,7 +12,7 @@ from conftest import run_python
 from fedjax_sim.checkpoint import Checkpointer
 from fedjax_sim.errors import CheckpointError, ConfigError, DivergedError
 from fedjax_sim.round import init_state
-from fedjax_sim.simulation import build_experiment, train_and_evaluate
+from fedjax_sim.launch.experiment import build_experiment, train_and_evaluate
 
 
 def _final_state(cfg, workdir):
@@ -145,7 +145,7 @@ import jax, numpy as np
 assert jax.device_count() == 8
 from fedjax_sim.launch.configs.base import get_base_config
 from fedjax_sim.round import init_state, make_mesh, make_round, replicate
-from fedjax_sim.simulation import build_experiment
+from fedjax_sim.launch.experiment import build_experiment
 c = get_base_config(); c.data.num_clients = 20; c.clients_per_round = 5; c.model_kwargs.hidden = (32,)
 c.algorithm = "{alg}"
 exp = build_experiment(c)

@@ -97,7 +97,7 @@ def check_rerun_skips(cfg, points, workdir, rows, monkeypatch):
 
 
 def check_vectorized_equals_separate(cfg, points, workdir, tmp_path):
-  from fedjax_sim.simulation import train_and_evaluate
+  from fedjax_sim.launch.experiment import train_and_evaluate
   for i in (3, 6):  # (0.05, mu=0.01, seed 1) and (0.1, mu=0.01, seed 0)
     p = points[i]
     final = train_and_evaluate(sw.apply_overrides(cfg, p.overrides), str(tmp_path / p.name))

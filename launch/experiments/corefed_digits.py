@@ -2,7 +2,7 @@
 
 Every run is ``launch/configs/corefed_digits.py`` (100 clients, Dir(0.5), 20
 per round, power-law availability) with ``algorithm`` and ``seed`` set, built
-by ``simulation.build_experiment`` and trained with ``round.make_round``;
+by ``fedjax_sim.launch.experiment.build_experiment`` and trained with ``round.make_round``;
 evaluation is ``evaluation.make_evaluate`` + ``summarize`` (global test
 accuracy, per-client accuracy on each client's own test split, D_Cosine,
 D_Manhattan, ...) plus ``metrics.make_representation_eval`` (representation
@@ -35,7 +35,8 @@ import time
 import jax
 import numpy as np
 
-from fedjax_sim import evaluation, metrics, sampling, simulation
+from fedjax_sim import evaluation, metrics, sampling
+from fedjax_sim.launch import experiment
 from fedjax_sim.launch.configs import corefed_digits
 from fedjax_sim.round import init_state, make_round
 from fedjax_sim.metrics import sample_std
@@ -66,12 +67,12 @@ def method_config(method: str, seed: int, rounds: int, eval_every: int):
 def run_one(method: str, seed: int, rounds: int, eval_every: int) -> dict:
   """Trains one method/seed; returns its evaluation history and timings."""
   cfg = method_config(method, seed, rounds, eval_every)
-  exp = simulation.build_experiment(cfg)
+  exp = experiment.build_experiment(cfg)
   state = init_state(exp.algorithm, exp.sampler, exp.data.num_clients, cfg.seed, exp.mesh)
   round_fn = make_round(exp.algorithm, exp.sampler, seed=cfg.seed, mesh=exp.mesh,
                         chunk_size=cfg.chunk_size or None, rounds_per_call=eval_every)
   evaluate = evaluation.make_evaluate(exp.algorithm)
-  from fedjax_sim.algorithms import embedding_fn
+  from fedjax_sim.algorithms.config_args import embedding_fn
   embed_fn, _ = embedding_fn(cfg, lambda r: exp.algorithm.eval_params(exp.algorithm.init(r), None))
   repr_eval = metrics.make_representation_eval(embed_fn)
   data = exp.data
@@ -106,7 +107,7 @@ def build_round(method: str, overrides: dict | None = None,
   cfg = method_config(method, 0, 50, 10)
   if overrides:
     cfg.update_from_flattened_dict(overrides)
-  exp = simulation.build_experiment(cfg)
+  exp = experiment.build_experiment(cfg)
   rf = make_round(exp.algorithm, exp.sampler, seed=0, mesh=exp.mesh,
                   chunk_size=cfg.chunk_size or None, rounds_per_call=rounds_per_call)
   st = init_state(exp.algorithm, exp.sampler, exp.data.num_clients, 0, exp.mesh)

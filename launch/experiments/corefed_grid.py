@@ -2,7 +2,7 @@
 
 The grid is ``launch/configs/corefed_ablation.py``'s ``GRID``; each point is
 that dataset's CoRe-Fed config with ``corefed.k`` and ``corefed.gamma`` set,
-run by ``fedjax_sim.simulation.train_and_evaluate`` (which logs accuracy,
+run by ``fedjax_sim.launch.experiment.train_and_evaluate`` (which logs accuracy,
 D_Cosine, D_Manhattan, ... to ``<workdir>/<point>/metrics.jsonl``).
 
   python launch/experiments/corefed_grid.py --dataset digits --rounds 300 --seeds 0,1,2
@@ -21,7 +21,7 @@ import os
 
 import numpy as np
 
-from fedjax_sim import simulation
+from fedjax_sim.launch import experiment
 from fedjax_sim.metrics import sample_std
 from fedjax_sim.launch.configs import corefed_ablation
 
@@ -55,7 +55,7 @@ def main():
       if args.data_dir:
         c.data.data_dir = os.path.expanduser(args.data_dir)
       wd = os.path.join(args.workdir, args.dataset, f"k{k}_gamma{gamma}_seed{seed}")
-      simulation.train_and_evaluate(c, wd)
+      experiment.train_and_evaluate(c, wd)
       rows.append(final_row(wd))
     stats = {key: (float(np.mean([r[key] for r in rows])), float(sample_std([r[key] for r in rows])))
              for key in KEYS}

@@ -33,7 +33,8 @@ import jax
 import numpy as np
 
 from fedjax_sim.client_data import pad_examples
-from fedjax_sim import comm, evaluation, inversion
+from fedjax_sim import comm, evaluation
+from fedjax_sim.algorithms import inversion
 from fedjax_sim.metrics import sample_std
 from fedjax_sim.algorithms import POOLED_ALGORITHMS
 from fedjax_sim.algorithms.pooled import DataSpec

@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedjax_sim.algorithms.fedre import entangle_weights
+
 
 def init_decoder(rng: jax.Array, dim: int, out: int, hidden: Sequence[int] = (256, 256)) -> list:
   """MLP params [(W [in, out], b [out]), ...] from D to ``out`` pixels."""
@@ -118,7 +120,6 @@ def attack_client(features: Callable[[Any, jax.Array], jax.Array], params: Any,
     x_pub: public inputs [P, ...] for the decoder.
     entangle_draws: fresh RAP weight draws decoded (one upload per round each).
   """
-  from fedjax_sim.algorithms.fedre import entangle_weights
   z_pub = features(params, jnp.asarray(x_pub))
   dec, stats = train_decoder(z_pub, jnp.asarray(x_pub), rng, steps=decoder_steps)
   z = np.asarray(features(params, jnp.asarray(x_priv)))
