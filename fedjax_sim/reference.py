@@ -36,7 +36,6 @@ Axis legend: C clients, K cohort (real clients only here), N examples, P paramet
 """
 from __future__ import annotations
 
-import zlib
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -56,11 +55,6 @@ class _PoolLoop(NamedTuple):
   client_update: Callable
   client_ids: Optional[np.ndarray]  # int32 [C_p] global ids; None = all clients
   sampler: Sampler  # samples LOCAL indices in [0, C_p)
-
-
-def pool_sample_key(k_sample: jax.Array, name: str) -> jax.Array:
-  """A model pool's cohort key: ``fold_in(k_sample, crc32(name) & 0x7FFFFFFF)`` (uint32 [2])."""
-  return jax.random.fold_in(k_sample, zlib.crc32(name.encode()) & 0x7FFFFFFF)
 
 
 def _stack(trees: list) -> Any:
@@ -123,7 +117,7 @@ def make_reference_round(algorithm: FederatedAlgorithm, sampler: Optional[Sample
     sampler_states = state.sampler if pooled else (state.sampler,)
     locals_, gids, new_samplers = [], [], []
     for pool, ss in zip(pools, sampler_states):
-      key = pool_sample_key(k_sample, pool.name) if pooled else k_sample
+      key = seeding.pool_sample_key(k_sample, pool.name) if pooled else k_sample
       local, ss = pool.sampler.sample(key, state.round, ss)
       gid = local if pool.client_ids is None else jnp.asarray(pool.client_ids)[local]
       order = jnp.where(sort, jnp.argsort(-num_examples[gid], stable=True),

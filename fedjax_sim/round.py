@@ -23,7 +23,6 @@ equals a per-client loop and 1 device equals 8.
 from __future__ import annotations
 
 import math
-import zlib
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -257,10 +256,9 @@ def make_round(algorithm: FederatedAlgorithm, sampler: Optional[Sampler] = None,
     bcast = algorithm.broadcast(state.server)
     pool_states = state.clients if pooled else (state.clients,)
     sampler_states = state.sampler if pooled else (state.sampler,)
-    # A pool's cohort key depends on its name, not its position, so a pool
-    # samples the same clients whatever other pools run beside it.
-    pool_key = lambda name: jax.random.fold_in(k_sample, zlib.crc32(name.encode()) & 0x7FFFFFFF)
-    outs = [pool_phase(pl, blk, bcast, cs, ss, data, pool_key(nm) if pooled else k_sample,
+    # A pool's cohort key depends on its name, not its position (seeding.pool_sample_key).
+    outs = [pool_phase(pl, blk, bcast, cs, ss, data,
+                       seeding.pool_sample_key(k_sample, nm) if pooled else k_sample,
                        k_clients, state.round)
             for pl, blk, cs, ss, nm in zip(plans, blocks, pool_states, sampler_states, names)]
     uploads, weights, infos, new_clients, new_samplers, cmetrics = map(tuple, zip(*outs))

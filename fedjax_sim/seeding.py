@@ -77,6 +77,15 @@ def round_subkeys(seed: Union[int, jax.Array],
   return k_sample, k_clients, k_server
 
 
+def pool_sample_key(k_sample: jax.Array, name: str) -> jax.Array:
+  """A model pool's cohort key: ``fold_in(k_sample, crc32(name) & 0x7FFFFFFF)`` (uint32 [2]).
+
+  It depends on the pool's name, not its position, so a pool samples the same
+  clients whatever other pools run beside it.
+  """
+  return jax.random.fold_in(k_sample, _tag(name))
+
+
 def numpy_seed(seed: int, stream: str) -> np.random.SeedSequence:
   """The SeedSequence of a named NumPy stream (``np.random.default_rng`` takes it).
 
