@@ -60,11 +60,12 @@ def _register_codist():  # CODIST (arXiv 2310.02549); builder in algorithms/codi
 _register_codist()
 
 
-def _register_hetero():  # FedRE and its baselines; builders live in their modules
+def _register_hetero():  # FedRE and its baselines, one module each; builders live there
+  from fedjax_sim.algorithms import fedallrep, fedgh, fedproto, lg_fedavg, local_pools
   from fedjax_sim.algorithms.fedre import build_fedre
-  from fedjax_sim.algorithms.hetero_baselines import BUILDERS
   POOLED_ALGORITHMS["fedre"] = build_fedre
-  POOLED_ALGORITHMS.update(BUILDERS)
+  for module in (fedproto, fedgh, fedallrep, lg_fedavg, local_pools):
+    POOLED_ALGORITHMS[module.__name__.rsplit(".", 1)[1]] = module.BUILDER
 
 
 _register_hetero()

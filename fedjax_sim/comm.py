@@ -9,7 +9,7 @@ communication). Shape counts are DENSE upper bounds: an algorithm that sends
 prototypes only for the classes a client holds (FedProto, FedGH) uploads fewer
 scalars than its [L, D] array; such algorithms report the exact number as the
 server metrics ``comm/upload_scalars`` / ``comm/broadcast_scalars``
-(``algorithms/fedre.py``, ``algorithms/hetero_baselines.py``).
+(``algorithms/fedre.py``, ``algorithms/fedproto.py``, ``fedgh.py``, ...).
 
 Per round: ``upload = sum over cohort clients of upload_per_client`` and
 ``broadcast = K * broadcast_per_client`` (each selected client receives the

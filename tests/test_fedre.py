@@ -7,7 +7,8 @@ import pytest
 from fedjax_sim import comm, seeding
 from fedjax_sim.algorithm import ClientInfo, ServerInfo
 from fedjax_sim.algorithms import fedre as fedre_lib
-from fedjax_sim.algorithms import hetero_baselines as hb
+from fedjax_sim.algorithms import fedproto as fedproto_lib
+from fedjax_sim.algorithms import local_pools as local_pools_lib
 from fedjax_sim.algorithms import rm as rm_lib
 from fedjax_sim.algorithms.pooled import DataSpec
 from conftest import random_image_clients
@@ -91,7 +92,7 @@ def test_fedproto_aggregation_equals_numpy():
   counts[:, 2] = 0  # nobody has class 2
   counts[4] = 50.0  # a padding slot with big counts must not count
   valid = np.array([True, True, True, True, False])
-  g, has = hb.aggregate_prototypes(jnp.asarray(protos), jnp.asarray(counts), jnp.asarray(valid))
+  g, has = fedproto_lib.aggregate_prototypes(jnp.asarray(protos), jnp.asarray(counts), jnp.asarray(valid))
   for c in range(L):
     n = counts[:4, c]
     if n.sum() == 0:
@@ -188,10 +189,10 @@ def test_comm_accounting_from_shapes():
   assert c["broadcast_scalars"] == 4 * (D * L + L)
   kw = dict(client_lr=0.05, batch_size=8, dim=D, rm="avg", epochs=1, local_steps=0,
             client_momentum=0.0, lr_decay=1.0)
-  c = comm.round_comm(hb.fedproto(ARCHS, spec, 3, **kw), data)
+  c = comm.round_comm(fedproto_lib.fedproto(ARCHS, spec, 3, **kw), data)
   assert c["upload_scalars_per_client"] == L * D + L  # dense [L, D] protos + [L] counts
   assert c["broadcast_scalars_per_client"] == L * D + L
-  assert comm.round_comm(hb.local_pools(ARCHS, spec, 3, **kw), data)["upload_scalars"] == 0
+  assert comm.round_comm(local_pools_lib.local_pools(ARCHS, spec, 3, **kw), data)["upload_scalars"] == 0
   # Single-pool FedAvg: the upload is a model-sized delta, the broadcast the server state.
   from fedjax_sim import models
   from fedjax_sim.algorithms import fedavg

@@ -7,7 +7,7 @@
   summed over the batch (``sum``) or averaged over its rows (``mean``);
   restated in float64 with the softmax gradient written by hand.
 * FedGH (Yi et al., arXiv 2303.13137, Alg. 1), FedAllRep and LG-FedAvg (Liang
-  et al., arXiv 2001.01523) (:mod:`fedjax_sim.algorithms.hetero_baselines`):
+  et al., arXiv 2001.01523) (``algorithms/fedgh.py``, ``fedallrep.py``, ``lg_fedavg.py``):
   the client's head replacement and upload (class means of its features on
   real rows / all its real (feature, label) pairs / its trained head), the
   server update from given uploads, weights and valid mask, and one real
@@ -38,7 +38,7 @@ import pytest
 
 from fedjax_sim.algorithm import ClientInfo, ServerInfo
 from fedjax_sim.algorithms import codist as codist_lib
-from fedjax_sim.algorithms import hetero_baselines as hb
+from fedjax_sim.algorithms import fedallrep, fedgh, fedproto, lg_fedavg
 from fedjax_sim.algorithms import rm as rm_lib
 from fedjax_sim.algorithms.pooled import DataSpec, zoo_functions
 from conftest import random_image_clients
@@ -171,7 +171,7 @@ ARCHS = ("mlp_s", "mlp_m")
 DATA_SPEC = DataSpec((8, 8, 1), L, 7)  # pools of 4 and 3 clients; K = 5 splits as 3 + 2
 KW = dict(batch_size=8, dim=D, rm="avg", epochs=1, local_steps=0, client_momentum=0.0,
           lr_decay=1.0)
-BUILD = {"fedgh": hb.fedgh, "fedallrep": hb.fedallrep, "lg_fedavg": hb.lg_fedavg}
+BUILD = {"fedgh": fedgh.fedgh, "fedallrep": fedallrep.fedallrep, "lg_fedavg": lg_fedavg.lg_fedavg}
 HEAD_METHODS = list(BUILD)
 
 
@@ -266,7 +266,7 @@ def test_fedgh_server_trains_the_head_on_present_class_prototypes():
   protos[counts == 0] = 40.0  # absent classes: garbage vectors, never trained on
   counts[2], protos[2] = 3.0, 1e3  # padding slot
   key = jax.random.PRNGKey(4)
-  new, met = jax.jit(alg.server_update)(state, *_server_inputs(hb.ProtoUpload(protos, counts)),
+  new, met = jax.jit(alg.server_update)(state, *_server_inputs(fedproto.ProtoUpload(protos, counts)),
                                         key)
   # The pairs (p_kc, onehot(c)) of real clients k and their present classes c (row k * L + c).
   use = ((counts > 0) & VALID[:, None]).reshape(-1)
@@ -295,7 +295,7 @@ def test_fedallrep_server_trains_the_head_on_every_real_pair():
   reps[2] = 1e3  # padding slot
   key = jax.random.PRNGKey(5)
   new, met = jax.jit(alg.server_update)(
-      state, *_server_inputs(hb.AllRepUpload(reps, labels, mask)), key)
+      state, *_server_inputs(fedallrep.AllRepUpload(reps, labels, mask)), key)
   use = (mask & VALID[:, None]).reshape(-1)
   row_ids = (UPLOAD_IDS[:, None] * n + np.arange(n)).reshape(-1)
   w, b, loss = np_train_head(state.head, reps.reshape(-1, D), np.eye(L)[labels.reshape(-1)],

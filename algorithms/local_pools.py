@@ -1,0 +1,35 @@
+"""Local training over model pools of split models (the "Local" baseline of FedRE, arXiv 2511.22265).
+
+* Local: every client trains its own split model; nothing is communicated.
+Evaluation uses each client's own head.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax.numpy as jnp
+
+from fedjax_sim.algorithm import FederatedAlgorithm
+from fedjax_sim.algorithms import rm as rm_lib
+from fedjax_sim.algorithms.head_training import pooled_builder, split_kw, train_ce
+
+def local_pools(archs: Sequence[str], spec: Any, clients_per_round: int, *, client_ids=None,
+                **kw) -> FederatedAlgorithm:
+  """Local training of every client's split model; no communication. kw as :func:`fedjax_sim.algorithms.fedproto.fedproto`."""
+  tkw = split_kw(kw)
+
+  def client_update(model, bcast, params, data, rng, info):
+    res = train_ce(model, params, data, rng, info, tkw)
+    return (), res.params, res.metrics
+
+  pools, _ = rm_lib.split_pools(archs, spec, clients_per_round, client_update, dim=kw["dim"],
+                                rm=kw["rm"], global_head=False, client_ids=client_ids)
+  zero = jnp.float32(0.0)
+  return FederatedAlgorithm(
+      name="local_pools", init=lambda rng: (), init_client=None, client_update=None,
+      server_update=lambda s, u, w, i, r: (s, {"comm/upload_scalars": zero,
+                                               "comm/broadcast_scalars": zero}),
+      eval_params=None, apply_fn=None, personalized=True, pools=pools)
+
+
+BUILDER = pooled_builder(local_pools)
