@@ -1,13 +1,13 @@
 """Federated algorithms, one module per method, and the config registry.
 
 :func:`build_algorithm` turns a run config into a
-:class:`~fedjax_sim.algorithm.FederatedAlgorithm`.
+:class:`~fedjax_sim.protocol.FederatedAlgorithm`.
 """
 from __future__ import annotations
 
 from typing import Any, Callable
 
-from fedjax_sim.algorithm import FederatedAlgorithm
+from fedjax_sim.protocol import FederatedAlgorithm
 from fedjax_sim.algorithms.config_args import client_kwargs, embedding_fn, server_opt
 from fedjax_sim.algorithms.fedavg import fedavg, server_optimizer
 from fedjax_sim.algorithms.fedprox import fedprox

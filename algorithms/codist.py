@@ -60,7 +60,7 @@ import numpy as np
 import optax
 
 from fedjax_sim import seeding
-from fedjax_sim.algorithm import FederatedAlgorithm, Pool, tree_weighted_mean
+from fedjax_sim.protocol import FederatedAlgorithm, Pool, tree_weighted_mean
 from fedjax_sim.algorithms.fedavg import ServerState, fedavg
 from fedjax_sim.algorithms.pooled import DataSpec, zoo_functions
 

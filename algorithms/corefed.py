@@ -51,8 +51,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_sim.algorithm import (FederatedAlgorithm, client_optimizer, local_train,
-                                  masked_cross_entropy)
+from fedjax_sim.protocol import (FederatedAlgorithm, client_optimizer, local_train,
+                                 masked_cross_entropy)
 from fedjax_sim.algorithms.losses import nt_xent_single
 
 PyTree = Any

@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_sim.algorithm import (FederatedAlgorithm, client_optimizer, local_train,
-                                  masked_cross_entropy, tree_weighted_mean)
+from fedjax_sim.protocol import (FederatedAlgorithm, client_optimizer, local_train,
+                                 masked_cross_entropy, tree_weighted_mean)
 
 
 class ServerState(NamedTuple):

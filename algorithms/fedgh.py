@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import jax.numpy as jnp
 
-from fedjax_sim.algorithm import FederatedAlgorithm
+from fedjax_sim.protocol import FederatedAlgorithm
 from fedjax_sim.algorithms import rm as rm_lib
 from fedjax_sim.algorithms.fedproto import ProtoUpload
 from fedjax_sim.algorithms.head_training import head_algorithm, pooled_builder, server_kw

@@ -29,7 +29,7 @@ One round, for the K sampled clients (L_i a client's mean training loss):
    unscaled d is kept.
 6. Line search on the step size eta, w' = w - eta d, the cohort evaluating its
    losses at each candidate (the round's second client phase,
-   :attr:`~fedjax_sim.algorithm.ServerInfo.query`): eta starts at 2^s lr when
+   :attr:`~fedjax_sim.protocol.ServerInfo.query`): eta starts at 2^s lr when
    every one of last round's live clients is in this cohort (no historical
    rows), else at lr, and halves
    while eta >= 0.5^s lr / scale (scale = ||d|| / ||d_unscaled||). The first eta
@@ -82,7 +82,7 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
-from fedjax_sim.algorithm import FederatedAlgorithm
+from fedjax_sim.protocol import FederatedAlgorithm
 
 PyTree = Any
 _TINY = 1e-12

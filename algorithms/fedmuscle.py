@@ -64,8 +64,8 @@ import numpy as np
 import optax
 
 from fedjax_sim import models, seeding
-from fedjax_sim.algorithm import (FederatedAlgorithm, Pool, client_optimizer, local_train,
-                                  masked_cross_entropy)
+from fedjax_sim.protocol import (FederatedAlgorithm, Pool, client_optimizer, local_train,
+                                 masked_cross_entropy)
 from fedjax_sim.algorithms import losses
 from fedjax_sim.algorithms.pooled import assign_round_robin
 from fedjax_sim.client_data import ClientData, pack, to_device
@@ -279,7 +279,7 @@ def fedmuscle(archs: Sequence[str], tasks: np.ndarray, public_x: jax.Array, *,
     client_ids: optional explicit user-to-pool assignment.
 
   Returns:
-    A FederatedAlgorithm with one :class:`~fedjax_sim.algorithm.Pool` per
+    A FederatedAlgorithm with one :class:`~fedjax_sim.protocol.Pool` per
     architecture (``clients_per_round`` = pool size: all users join).
   """
   tasks = np.asarray(tasks, np.int32)

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
-from fedjax_sim.algorithm import FederatedAlgorithm
+from fedjax_sim.protocol import FederatedAlgorithm
 from fedjax_sim.algorithms import rm as rm_lib
 from fedjax_sim.algorithms.head_training import pooled_builder, split_kw, train_ce, valid_slots
 

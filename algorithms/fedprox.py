@@ -10,7 +10,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from fedjax_sim.algorithm import FederatedAlgorithm, masked_cross_entropy
+from fedjax_sim.protocol import FederatedAlgorithm, masked_cross_entropy
 from fedjax_sim.algorithms.fedavg import fedavg
 
 

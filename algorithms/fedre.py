@@ -49,8 +49,8 @@ from typing import Any, NamedTuple, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from fedjax_sim.algorithm import (FederatedAlgorithm, client_optimizer, local_train,
-                                  masked_cross_entropy)
+from fedjax_sim.protocol import (FederatedAlgorithm, client_optimizer, local_train,
+                                 masked_cross_entropy)
 from fedjax_sim.algorithms import rm as rm_lib
 
 VARIANTS = ("RSR", "VAR", "RAR", "RSP", "VAP", "RAP")
@@ -163,7 +163,7 @@ def fedre(archs: Sequence[str], spec: Any, clients_per_round: int, *, client_lr:
     spec: :class:`~fedjax_sim.algorithms.pooled.DataSpec`.
     clients_per_round: K (split over pools proportionally to their sizes).
     client_lr, batch_size, epochs, local_steps, client_momentum, lr_decay:
-      local SGD (:func:`fedjax_sim.algorithm.local_train`).
+      local SGD (:func:`fedjax_sim.protocol.local_train`).
     dim: D, the common representation dim.  rm: ``avg`` | ``max`` | ``fc``.
     variant: RE mechanism (:data:`VARIANTS`).  weights: weight distribution.
     resample: resample the weights every round (False: fixed per client:

@@ -16,8 +16,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fedjax_sim.algorithm import (FederatedAlgorithm, client_optimizer, local_train,
-                                  masked_cross_entropy)
+from fedjax_sim.protocol import (FederatedAlgorithm, client_optimizer, local_train,
+                                 masked_cross_entropy)
 from fedjax_sim.algorithms import rm as rm_lib
 from fedjax_sim.algorithms.fedre import ServerState as HeadState, hetero_kwargs
 

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from fedjax_sim.algorithm import FederatedAlgorithm, tree_weighted_mean
+from fedjax_sim.protocol import FederatedAlgorithm, tree_weighted_mean
 from fedjax_sim.algorithms import rm as rm_lib
 from fedjax_sim.algorithms.fedre import ServerState as HeadState
 from fedjax_sim.algorithms.head_training import (pooled_builder, replace_head_client, split_kw,

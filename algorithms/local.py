@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import Callable
 
 from fedjax_sim import seeding
-from fedjax_sim.algorithm import (FederatedAlgorithm, client_optimizer, local_train,
-                                  masked_cross_entropy)
+from fedjax_sim.protocol import (FederatedAlgorithm, client_optimizer, local_train,
+                                 masked_cross_entropy)
 
 
 def local_only(apply_fn: Callable, init_params: Callable, *, client_lr: float,

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 
 from fedjax_sim import models
-from fedjax_sim.algorithm import FederatedAlgorithm, Pool
+from fedjax_sim.protocol import FederatedAlgorithm, Pool
 from fedjax_sim.algorithms.fedavg import fedavg
 
 

@@ -250,7 +250,7 @@ def split_pools(archs, spec, clients_per_round: int, client_update: Callable, *,
   Returns:
     (pools tuple, models list).
   """
-  from fedjax_sim.algorithm import Pool
+  from fedjax_sim.protocol import Pool
   from fedjax_sim.algorithms.pooled import assign_round_robin, pool_cohort_sizes
   if len(set(archs)) != len(archs):
     raise ValueError(f"architectures {list(archs)} repeat; list each MODEL_ZOO name once.")

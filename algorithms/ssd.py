@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_sim.algorithm import FederatedAlgorithm
+from fedjax_sim.protocol import FederatedAlgorithm
 from fedjax_sim.algorithms.losses import l2_normalize
 from fedjax_sim.algorithms.ssl import (SSLModel, align_uniform_loss, fed_ssl, fedalignuniform,
                                         fedsimclr)

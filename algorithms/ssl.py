@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_sim.algorithm import FederatedAlgorithm, local_train, tree_weighted_mean
+from fedjax_sim.protocol import FederatedAlgorithm, local_train, tree_weighted_mean
 from fedjax_sim.algorithms.losses import l2_normalize
 from fedjax_sim.augment import AugmentConfig, two_views
 from fedjax_sim.repr_metrics import alignment, uniformity

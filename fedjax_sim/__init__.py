@@ -1,6 +1,6 @@
 """fedjax-sim: federated-learning simulation where a round is one jitted program."""
-from fedjax_sim.algorithm import (ClientInfo, FederatedAlgorithm, ServerInfo, local_train,
-                                  masked_cross_entropy, tree_weighted_mean)
+from fedjax_sim.protocol import (ClientInfo, FederatedAlgorithm, ServerInfo, local_train,
+                                 masked_cross_entropy, tree_weighted_mean)
 from fedjax_sim.checks import AlgorithmError, check_algorithm
 from fedjax_sim.client_data import ClientData, pack
 from fedjax_sim.errors import CheckpointError, ConfigError, DivergedError, FedSimError

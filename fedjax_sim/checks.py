@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_sim.algorithm import ClientInfo, FederatedAlgorithm, ServerInfo
+from fedjax_sim.protocol import ClientInfo, FederatedAlgorithm, ServerInfo
 from fedjax_sim.client_data import ClientData
 from fedjax_sim.errors import FedSimError
 

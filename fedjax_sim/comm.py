@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_sim.algorithm import ClientInfo, FederatedAlgorithm
+from fedjax_sim.protocol import ClientInfo, FederatedAlgorithm
 from fedjax_sim.client_data import ClientData
 
 

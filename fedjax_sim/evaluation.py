@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_sim.algorithm import FederatedAlgorithm
+from fedjax_sim.protocol import FederatedAlgorithm
 from fedjax_sim.client_data import ClientData
 from fedjax_sim.metrics import accuracy_spread
 

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_sim import sampling, seeding
-from fedjax_sim.algorithm import ClientInfo, FederatedAlgorithm, ServerInfo
+from fedjax_sim.protocol import ClientInfo, FederatedAlgorithm, ServerInfo
 from fedjax_sim.client_data import ClientData
 from fedjax_sim.round import SimState
 from fedjax_sim.sampling import Sampler

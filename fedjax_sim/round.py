@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fedjax_sim.algorithm import ClientInfo, FederatedAlgorithm, ServerInfo
+from fedjax_sim.protocol import ClientInfo, FederatedAlgorithm, ServerInfo
 from fedjax_sim.client_data import ClientData
 from fedjax_sim import sampling, seeding
 from fedjax_sim.sampling import Sampler
@@ -120,7 +120,7 @@ def _weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
 
 
 class _PoolPlan(NamedTuple):
-  """Static plan of one pool inside the round (see :class:`~fedjax_sim.algorithm.Pool`)."""
+  """Static plan of one pool inside the round (see :class:`~fedjax_sim.protocol.Pool`)."""
   client_update: Any
   client_ids: Optional[jax.Array]  # int32 [C_p] global ids; None = all clients (single pool)
   sampler: Sampler  # samples LOCAL indices in [0, C_p)

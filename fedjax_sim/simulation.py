@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_sim import evaluation, sampling
-from fedjax_sim.algorithm import FederatedAlgorithm
+from fedjax_sim.protocol import FederatedAlgorithm
 from fedjax_sim.checkpoint import Checkpointer
 from fedjax_sim.checks import check_algorithm
 from fedjax_sim.errors import ConfigError, DivergedError

@@ -9,7 +9,7 @@ import pytest
 
 from fedjax_sim import metrics
 from fedjax_sim.launch import experiment
-from fedjax_sim.algorithm import ServerInfo
+from fedjax_sim.protocol import ServerInfo
 from fedjax_sim.algorithms import corefed as cf
 from fedjax_sim.round import make_round
 
@@ -179,7 +179,7 @@ def _algorithm(tiny, name, **knobs):
 
 def test_refed_without_loss_terms_equals_fedavg(tiny):
   """Re-Fed with lambda_c = lambda_d = 0 trains on CE only and uses FedAvg weights."""
-  from fedjax_sim.algorithm import ClientInfo
+  from fedjax_sim.protocol import ClientInfo
   _, exp = tiny
   fedavg = _algorithm(tiny, "fedavg")
   refed = _algorithm(tiny, "refed", lambda_c=0.0, lambda_d=0.0)

@@ -8,7 +8,7 @@ from scipy.optimize import minimize
 
 from conftest import tiny_config
 from fedjax_sim import seeding
-from fedjax_sim.algorithm import ServerInfo
+from fedjax_sim.protocol import ServerInfo
 from fedjax_sim.algorithms.fedmdfg import fedmdfg, min_norm_element
 from fedjax_sim.round import init_state, make_round
 from fedjax_sim.launch.experiment import build_experiment

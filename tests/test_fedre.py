@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from fedjax_sim import comm, seeding
-from fedjax_sim.algorithm import ClientInfo, ServerInfo
+from fedjax_sim.protocol import ClientInfo, ServerInfo
 from fedjax_sim.algorithms import fedre as fedre_lib
 from fedjax_sim.algorithms import fedproto as fedproto_lib
 from fedjax_sim.algorithms import local_pools as local_pools_lib

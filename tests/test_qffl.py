@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_sim.algorithm import ClientInfo, ServerInfo
+from fedjax_sim.protocol import ClientInfo, ServerInfo
 from fedjax_sim.algorithms.qffl import qffl, qffl_step
 
 

@@ -36,7 +36,7 @@ import numpy as np
 import optax
 import pytest
 
-from fedjax_sim.algorithm import ClientInfo, ServerInfo
+from fedjax_sim.protocol import ClientInfo, ServerInfo
 from fedjax_sim.algorithms import codist as codist_lib
 from fedjax_sim.algorithms import fedallrep, fedgh, fedproto, lg_fedavg
 from fedjax_sim.algorithms import rm as rm_lib

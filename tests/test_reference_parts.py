@@ -321,7 +321,7 @@ def _restated_corefed_step(embed_fn):
   of ``negs`` [C, D] where ``neg_on`` [C] (built by the caller from the cohort schedule).
   Returns ``(params, data, z_g, negs, neg_on, on) -> delta = params - trained``.
   """
-  from fedjax_sim.algorithm import local_train
+  from fedjax_sim.protocol import local_train
   unit = lambda v: v / jnp.linalg.norm(v, axis=-1, keepdims=True)
 
   def loss(p, x, y, m, z_g, negs, neg_on, on):
@@ -437,7 +437,7 @@ def test_ssd_dsr_block_follows_client_id_not_cohort_slot():
   slot (the official code's rule). Identity augmentations and one batch per epoch make a
   client's update independent of its key, so the round can be recomputed outside it. (Padded
   rows then reach the loss as exact zeros: the round was NaN before ``l2_normalize``'s fix.)"""
-  from fedjax_sim.algorithm import local_train, tree_weighted_mean
+  from fedjax_sim.protocol import local_train, tree_weighted_mean
   from fedjax_sim.algorithms.ssd import dsr_basis, ssd, ssd_loss
   from fedjax_sim.algorithms.ssl import SSLModel
   from fedjax_sim.augment import AugmentConfig

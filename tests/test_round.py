@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from fedjax_sim import local_train, masked_cross_entropy
-from fedjax_sim.algorithm import ClientInfo
+from fedjax_sim.protocol import ClientInfo
 from fedjax_sim.client_data import pack
 from fedjax_sim.reference import make_reference_round
 from fedjax_sim.round import init_state, make_mesh, make_round

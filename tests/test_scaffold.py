@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_sim.algorithm import ClientInfo, ServerInfo
+from fedjax_sim.protocol import ClientInfo, ServerInfo
 from fedjax_sim.algorithms.scaffold import ServerState, scaffold
 from fedjax_sim.client_data import pack
 

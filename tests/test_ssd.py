@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from fedjax_sim import sampling
-from fedjax_sim.algorithm import ClientInfo
+from fedjax_sim.protocol import ClientInfo
 from fedjax_sim.algorithms import ALGORITHMS
 from fedjax_sim.algorithms.losses import l2_normalize, nt_xent
 from fedjax_sim.algorithms.ssd import (client_block, dsr_basis, dsr_loss, pd_loss, ssd,
