@@ -1,5 +1,6 @@
-"""Sweeps: grid points and run directories, resume, vectorized == separate runs,
-and a real SLURM array job on a one-node localhost cluster.
+"""Sweeps: grid points and run directories, resume, vectorized == separate runs, the
+summary's metric columns, and a real SLURM job array (submitted by submitit) on a one-node
+localhost cluster.
 
 One 8-point vectorized sweep (2 client_lr x 2 mu x 2 seeds, FedProx, digits)
 is shared by the tests (module fixture), so the suite compiles it once.
@@ -177,10 +178,15 @@ def test_slurm_array_sweep_matches_local(slurm_cluster, tmp_path):
   rows = sw.run_sweep(cfg, points, str(tmp_path / "slurm"), backend="slurm",
                       slurm=sw.SlurmOptions(time="00:10:00", poll_s=1.0, timeout_s=600),
                       log=logs.append)
-  assert any("submitted SLURM array job" in m for m in logs), logs
-  with open(tmp_path / "slurm" / "sweep" / "job.sh") as f:
+  submitted = [m for m in logs if "submitted SLURM array job" in m]
+  assert submitted, logs
+  script_path = submitted[0].rsplit(": ", 1)[1]  # submitit's <job>_submission.sh
+  assert os.path.dirname(script_path) == str(tmp_path / "slurm" / "sweep" / "slurm")
+  with open(script_path) as f:
     script = f.read()
-  assert "#SBATCH --array=0,1,2,3" in script and sw.python_executable() in script
+  assert "#SBATCH --array=0-3%4" in script and sw.python_executable() in script
+  assert "#SBATCH --time=10" in script and "#SBATCH --job-name=fedjax-sweep" in script
+  assert not any("failed" in m for m in logs), logs
   assert all(r["status"] == "ok" and r["mode"] == "single" for r in rows), rows
   local = sw.run_sweep(cfg, points, str(tmp_path / "local"), log=lambda m: None)
   assert all(r["mode"] == "vectorized[4]" for r in local), local
@@ -193,3 +199,69 @@ def test_slurm_array_sweep_matches_local(slurm_cluster, tmp_path):
     metrics = lambda r: {k: float(v) for k, v in r.items()
                          if k not in ("point", "status", "mode", "error", *sw.TIMING_KEYS)}
     assert_metrics_close(metrics(a), metrics(b), a["point"])
+
+
+def test_slurm_failed_tasks_are_reported(slurm_cluster, tmp_path):
+  """A point that fails (an unknown model) ends its array index FAILED; the driver logs the
+  task with its error and log file, and the summary says failed."""
+  cfg = tiny_config()
+  points = sw.make_points(cfg, {"model": ["no_such_model_a", "no_such_model_b"]})
+  logs = []
+  rows = sw.run_sweep(cfg, points, str(tmp_path / "bad"), backend="slurm",
+                      slurm=sw.SlurmOptions(time="5", poll_s=1.0, timeout_s=300),
+                      log=logs.append)
+  assert [r["status"] for r in rows] == ["failed", "failed"], rows
+  assert "unknown model" in rows[0]["error"]
+  for t in (0, 1):
+    line = [m for m in logs if m.startswith(f"task {t} failed (")]
+    assert line and "TaskFailed" in line[0] and "_log.out" in line[0], logs
+
+
+def test_slurm_settings_without_a_cluster(tmp_path):
+  """--slurm_time and --slurm_args become submitit's parameters (no cluster needed)."""
+  from fedjax_sim.errors import ConfigError
+  from fedjax_sim.launch import sweep_backends as sb
+  assert [sb.slurm_minutes(s) for s in ("90", "01:00:00", "10:30", "1-2", "1-0:30", "0:0:1")] \
+      == [90, 60, 11, 1560, 1470, 1]
+  with pytest.raises(ConfigError, match="--slurm_time"):
+    sb.slurm_minutes("one hour")
+  assert sb.sbatch_options("--account=abc --qos high --exclusive") == {
+      "account": "abc", "qos": "high", "exclusive": True}
+  with pytest.raises(ConfigError, match="long sbatch option"):
+    sb.sbatch_options("-A abc")
+  if shutil.which("sbatch") is None or shutil.which("srun") is None:
+    pytest.skip("the SLURM client tools (sbatch, srun) are not installed")
+  script = sw.slurm_script(str(tmp_path), [3, 7], sw.SlurmOptions(
+      partition="gpu", time="02:00:00", gpus=1, cpus=4, mem="8G", max_parallel=1,
+      extra="--account=abc --qos=high"))
+  for line in ("--array=0-1%1", "--partition=gpu", "--time=120", "--gres=gpu:1",
+               "--cpus-per-task=4", "--mem=8G", "--account=abc", "--qos=high",
+               f"--chdir={os.getcwd()}"):
+    assert f"#SBATCH {line}\n" in script, (line, script)
+  assert "srun" not in script and sw.python_executable() in script
+
+
+def test_summary_metric_columns(tmp_path):
+  """summary.md shows the standard metrics, then any other numeric final metric a method
+  logs (delta_pct); diagnostics, comm counters and wall time stay in summary.csv."""
+  cfg = tiny_config()
+  points = sw.make_points(cfg, {"client_lr": ["0.05", "0.1"]}, seeds=[0, 1])
+  rows = []
+  for i, p in enumerate(points):
+    rows.append({"point": p.name, **p.overrides, "status": "ok", "mode": "single",
+                 "round": 2, "test_accuracy": 0.5 + 0.1 * i, "train_loss": 1.0,
+                 "delta_pct": 2.0 * i, "jain_index": 0.9, "comm/upload_scalars_total": 10.0,
+                 "server/update_norm": 0.3, "wall_s": 1.0, "train_time_s": 0.5})
+  assert sw.summary_metrics(points, rows) == ["round", "test_accuracy", "train_loss",
+                                              "train_time_s", "delta_pct"]
+  assert sw.summary_metrics(points, rows, keys=["delta_pct", "nope"]) == ["delta_pct"]
+  workdir = str(tmp_path / "s")
+  os.makedirs(workdir)
+  paths = sw.write_summary(workdir, points, rows)
+  md = open(paths["md"]).read()
+  assert "| client_lr | seed | status | round | test_accuracy | train_loss | train_time_s | " \
+      "delta_pct |" in md, md
+  assert "| test_accuracy | train_loss | delta_pct |" in md  # mean ± std over seeds
+  assert "| client_lr=0.1 | 2 | 0.75 ± 0.071 | 1 ± 0 | 5 ± 1.4 |" in md, md
+  header = next(csv.reader(open(paths["csv"])))
+  assert {"delta_pct", "jain_index", "comm/upload_scalars_total", "wall_s"} <= set(header)
