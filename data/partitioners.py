@@ -1,10 +1,17 @@
 """Partitioners: assign every training example to exactly one client.
 
-All partitioners are pure functions of (labels, num_clients, seed): the same
-seed gives the same partition, and every example index appears exactly once
-across clients. Names follow the literature: IID, Dirichlet label skew Dir(alpha)
-("PRA" in FedRE, Hsu et al. arXiv 1909.06335), pathological shards with k
-classes per client ("PAT", McMahan et al. arXiv 1602.05629), quantity skew.
+All partitioners are pure functions of (labels, num_clients, seed) and their
+knobs: the same seed gives the same partition, and every example index appears
+exactly once across clients. Names follow the literature: IID, Dirichlet label
+skew Dir(alpha) ("PRA" in FedRE, Hsu et al. arXiv 1909.06335), pathological
+shards with k classes per client ("PAT", McMahan et al. arXiv 1602.05629),
+quantity skew.
+
+Each is registered by name (:func:`fedjax_sim.data.register_partitioner`):
+``cfg.data.partition`` picks one, and its keyword parameters are its knobs,
+read from ``cfg.data`` by name (``alpha``, ``classes_per_client``,
+``min_examples``, ...); each checks its own knobs. A new partitioner is one
+decorated function (``examples/custom_partition.py``).
 
 ``seed`` is anything ``np.random.default_rng`` takes: an int, or (as the data
 pipeline passes) the run's ``np.random.SeedSequence`` for this purpose
@@ -12,15 +19,17 @@ pipeline passes) the run's ``np.random.SeedSequence`` for this purpose
 """
 from __future__ import annotations
 
-from typing import Union
+from typing import Any, Callable, Mapping, Union
 
 import numpy as np
 
+from fedjax_sim.data.registry import (PARTITIONERS, PartitionError, bind, get_partitioner,
+                                      register_partitioner)
+
 Seed = Union[int, np.random.SeedSequence]
 
-
-class PartitionError(ValueError):
-  """A partition setting is invalid or cannot be satisfied."""
+__all__ = ["PARTITIONERS", "PartitionError", "dirichlet", "from_config", "iid", "partition",
+           "pathological", "quantity_skew", "register_partitioner", "train_test_split_clients"]
 
 
 def _check_common(labels: np.ndarray, num_clients: int) -> None:
@@ -32,6 +41,7 @@ def _check_common(labels: np.ndarray, num_clients: int) -> None:
         "would have no data; lower --config.data.num_clients.")
 
 
+@register_partitioner("iid")
 def iid(labels: np.ndarray, num_clients: int, seed: Seed) -> list[np.ndarray]:
   """Shuffles and deals examples into near-equal client shards."""
   _check_common(labels, num_clients)
@@ -39,7 +49,8 @@ def iid(labels: np.ndarray, num_clients: int, seed: Seed) -> list[np.ndarray]:
   return [np.sort(s) for s in np.array_split(perm, num_clients)]
 
 
-def dirichlet(labels: np.ndarray, num_clients: int, alpha: float, seed: Seed,
+@register_partitioner("dirichlet", aliases=("pra",))
+def dirichlet(labels: np.ndarray, num_clients: int, seed: Seed, *, alpha: float = 0.5,
               min_examples: int = 2, max_tries: int = 1000) -> list[np.ndarray]:
   """Dirichlet label skew: class c's examples are split by p_c ~ Dir(alpha * 1_C).
 
@@ -49,10 +60,8 @@ def dirichlet(labels: np.ndarray, num_clients: int, alpha: float, seed: Seed,
   Raises:
     PartitionError: alpha <= 0, or no draw gave every client min_examples.
   """
-  if not alpha > 0:
-    raise PartitionError(
-        f"Dirichlet alpha={alpha} must be > 0 (smaller = more label skew, e.g. 0.1 or 0.5); "
-        "set --config.data.alpha.")
+  _check_alpha(alpha, "Dirichlet concentration; smaller = more label skew, e.g. 0.1 or 0.5")
+  _check_min_examples(min_examples)
   _check_common(labels, num_clients)
   if min_examples * num_clients > len(labels):
     raise PartitionError(
@@ -78,15 +87,17 @@ def dirichlet(labels: np.ndarray, num_clients: int, alpha: float, seed: Seed,
       "--config.data.num_clients, or lower --config.data.min_examples.")
 
 
-def pathological(labels: np.ndarray, num_clients: int, classes_per_client: int,
-                 seed: Seed) -> list[np.ndarray]:
+@register_partitioner("pathological", aliases=("pat",))
+def pathological(labels: np.ndarray, num_clients: int, seed: Seed, *,
+                 classes_per_client: int = 2) -> list[np.ndarray]:
   """Shards ("PAT"): sort by label, cut into num_clients * k shards, deal k each.
 
   Each client sees at most ``classes_per_client`` labels (exactly k unless a
   shard straddles a class boundary).
   """
   if classes_per_client < 1:
-    raise PartitionError(f"classes_per_client={classes_per_client} must be >= 1.")
+    raise PartitionError(f"classes_per_client={classes_per_client} must be >= 1; set "
+                         "--config.data.classes_per_client.")
   num_classes = len(np.unique(labels))
   if classes_per_client > num_classes:
     raise PartitionError(
@@ -97,7 +108,8 @@ def pathological(labels: np.ndarray, num_clients: int, classes_per_client: int,
   if num_shards > len(labels):
     raise PartitionError(
         f"{num_clients} clients x {classes_per_client} classes = {num_shards} shards exceeds "
-        f"{len(labels)} examples; lower num_clients or classes_per_client.")
+        f"{len(labels)} examples; lower --config.data.num_clients or "
+        "--config.data.classes_per_client.")
   rng = np.random.default_rng(seed)
   # Stable sort by label with a random tie order, so shards differ by seed.
   order = np.lexsort((rng.random(len(labels)), labels))
@@ -106,19 +118,24 @@ def pathological(labels: np.ndarray, num_clients: int, classes_per_client: int,
   return [np.sort(np.concatenate([shards[s] for s in row])) for row in shard_ids]
 
 
-def quantity_skew(labels: np.ndarray, num_clients: int, alpha: float, seed: Seed,
+@register_partitioner("quantity_skew")
+def quantity_skew(labels: np.ndarray, num_clients: int, seed: Seed, *, alpha: float = 0.5,
                   min_examples: int = 2) -> list[np.ndarray]:
   """Quantity skew: IID labels, client sizes proportional to q ~ Dir(alpha).
 
   Each client first gets ``min_examples``, the rest is split by q.
+
+  Raises:
+    PartitionError: alpha <= 0, min_examples < 0, or too few examples.
   """
-  if not alpha > 0:
-    raise PartitionError(f"quantity-skew alpha={alpha} must be > 0; set --config.data.alpha.")
+  _check_alpha(alpha, "quantity-skew concentration; smaller = more unequal client sizes")
+  _check_min_examples(min_examples)
   _check_common(labels, num_clients)
   n = len(labels)
   if min_examples * num_clients > n:
     raise PartitionError(
-        f"min_examples={min_examples} x num_clients={num_clients} exceeds {n} examples.")
+        f"min_examples={min_examples} x num_clients={num_clients} exceeds {n} examples; lower "
+        "--config.data.num_clients or --config.data.min_examples.")
   rng = np.random.default_rng(seed)
   perm = rng.permutation(n)
   q = rng.dirichlet(np.full(num_clients, alpha))
@@ -130,31 +147,56 @@ def quantity_skew(labels: np.ndarray, num_clients: int, alpha: float, seed: Seed
   return [np.sort(s) for s in np.split(perm, cuts)]
 
 
-PARTITIONERS = ("iid", "dirichlet", "pathological", "quantity_skew")
+def partition(labels: np.ndarray, num_clients: int, method: str, seed: Seed,
+              **knobs: Any) -> list[np.ndarray]:
+  """Partitions by registered name (``pra`` and ``pat`` are FedRE's aliases).
 
-
-def partition(labels: np.ndarray, num_clients: int, method: str, seed: Seed, *,
-              alpha: float = 0.5, classes_per_client: int = 2,
-              min_examples: int = 2) -> list[np.ndarray]:
-  """Dispatches by name. ``pra`` and ``pat`` are accepted as FedRE's aliases.
+  Args:
+    labels: int [N] labels of the examples to partition.
+    num_clients: C.
+    method: a :data:`PARTITIONERS` name or alias.
+    seed: the partition seed (an int or a ``np.random.SeedSequence``).
+    knobs: settings; the partitioner takes the ones it declares (its keyword
+      parameters) and ignores the rest (a whole data config goes through
+      :func:`from_config`).
 
   Returns:
     A list of num_clients sorted int64 index arrays into ``labels``; their
     union is every index exactly once.
+
+  Raises:
+    PartitionError: unknown method, or the partitioner's own check failed.
   """
-  method = {"pra": "dirichlet", "pat": "pathological"}.get(method.lower(), method.lower())
-  labels = np.asarray(labels)
-  if method == "iid":
-    return iid(labels, num_clients, seed)
-  if method == "dirichlet":
-    return dirichlet(labels, num_clients, alpha, seed, min_examples)
-  if method == "pathological":
-    return pathological(labels, num_clients, classes_per_client, seed)
-  if method == "quantity_skew":
-    return quantity_skew(labels, num_clients, alpha, seed, min_examples)
-  raise PartitionError(
-      f"Unknown partition '{method}'; set --config.data.partition to one of "
-      f"{', '.join(PARTITIONERS)} (or pra/pat).")
+  _, fn = get_partitioner(method)
+  return fn(np.asarray(labels), num_clients, seed, **bind(fn, knobs, skip=3))
+
+
+def from_config(knobs: Mapping[str, Any]) -> Callable[..., list[np.ndarray]]:
+  """``partitioner(labels, num_clients, seed) -> parts``: the data config's partitioner.
+
+  Args:
+    knobs: the data config's entries: ``partition`` (default ``dirichlet``)
+      names the partitioner, which takes the knobs it declares.
+
+  The name is looked up when the partitioner is called (a dataset that defines
+  its own clients never calls it), so an unknown name raises
+  :class:`PartitionError` then.
+  """
+  def partitioner(labels, num_clients, seed):
+    _, fn = get_partitioner(knobs.get("partition", "dirichlet"))
+    return fn(np.asarray(labels), num_clients, seed, **bind(fn, knobs, skip=3))
+  return partitioner
+
+
+def _check_alpha(alpha: Any, meaning: str) -> None:
+  if not alpha > 0:
+    raise PartitionError(f"data.alpha={alpha} must be > 0 ({meaning}); set --config.data.alpha.")
+
+
+def _check_min_examples(min_examples: Any) -> None:
+  if min_examples < 0:
+    raise PartitionError(f"data.min_examples={min_examples} must be >= 0; set "
+                         "--config.data.min_examples.")
 
 
 def train_test_split_clients(parts: list[np.ndarray], test_fraction: float,

@@ -1,60 +1,53 @@
-"""From a data config to device-resident federated train/test arrays."""
+"""From a data config to device-resident federated train/test arrays.
+
+:func:`build_federated_data` looks up ``cfg.data.dataset`` in
+:data:`fedjax_sim.data.DATASETS` and calls it with the knobs it declares. A
+centralized :class:`~fedjax_sim.data.Dataset` is then partitioned over the
+clients by the partitioner ``cfg.data.partition``
+(:data:`fedjax_sim.data.PARTITIONERS`, with the knobs it declares), each
+client's examples split into its own train and test parts, and packed; a
+dataset that defines its clients returns a finished
+:class:`~fedjax_sim.data.FederatedData`. Auxiliary sets (``FederatedData.aux``)
+come from the dataset, or from the pipeline: ``cfg.data.server_size > 0`` holds
+an unlabeled server set out of the clients' training rows
+(:func:`fedjax_sim.data.server_sets.server_holdout`).
+"""
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
+from typing import Any, Mapping
 
-import jax
 import numpy as np
 
-from fedjax_sim.client_data import ClientData, pack, to_device
 from fedjax_sim import seeding
 from fedjax_sim.data import partitioners as part_lib
-from fedjax_sim.data import sources
+from fedjax_sim.data import server_sets, sources
+from fedjax_sim.data.federated import FederatedData, on_device, pack_clients
+from fedjax_sim.data.registry import DatasetError, bind, get_dataset, register_dataset
+
+__all__ = ["FederatedData", "build_federated_data", "config_items"]
 
 
-@dataclasses.dataclass
-class FederatedData:
-  """Everything a simulation reads, resident on device.
-
-  Attributes:
-    train: ClientData [C, N, ...]: each client's local training examples.
-    test: ClientData [C, N_t, ...]: each client's own test split (per-client
-      accuracy / fairness metrics).
-    test_x: float32 [N_g, ...]: the global test set.
-    test_y: int32 [N_g].
-    num_classes: number of labels.
-    input_shape: shape of one example.
-    name: dataset name.
-  """
-  train: ClientData
-  test: ClientData
-  test_x: jax.Array
-  test_y: jax.Array
-  num_classes: int
-  input_shape: tuple[int, ...]
-  name: str
-
-  @property
-  def num_clients(self) -> int:
-    return self.train.num_clients
-
-  def summary(self) -> str:
-    n = np.asarray(self.train.num_examples)
-    return (f"{self.name}: {self.num_clients} clients, train examples/client "
-            f"min {n.min()} median {int(np.median(n))} max {n.max()} (padded to "
-            f"{self.train.max_examples}), global test {len(self.test_y)}")
+def config_items(cfg: Any) -> dict[str, Any]:
+  """``{key: value}`` of a data config: a ConfigDict, a dict or an object with attributes."""
+  if cfg is None:
+    return {}
+  if isinstance(cfg, Mapping) or hasattr(cfg, "items"):
+    return dict(cfg.items())
+  return {k: v for k, v in vars(cfg).items() if not k.startswith("_")}
 
 
 def build_federated_data(cfg: Any, batch_size: int = 1, seed: int = 0,
                          sharding: Any = None) -> FederatedData:
-  """Loads, partitions, splits and packs a dataset described by ``cfg``.
+  """Loads, partitions, splits and packs the dataset described by ``cfg``.
 
   Args:
-    cfg: a ConfigDict (or anything with attributes) with ``dataset``,
-      ``num_clients``, ``partition``, ``alpha``, ``classes_per_client``,
-      ``min_examples``, ``client_test_fraction``, ``data_dir`` and, for
-      ``synthetic``, ``synthetic_alpha``, ``synthetic_beta``.
+    cfg: the data config (a ConfigDict, a dict, or anything with attributes):
+      ``dataset`` (a :data:`~fedjax_sim.data.DATASETS` name, default
+      ``digits``), ``partition`` (a :data:`~fedjax_sim.data.PARTITIONERS`
+      name, default ``dirichlet``), ``num_clients``, ``client_test_fraction``,
+      ``server_size`` / ``server_seed`` (optional, see below), and whatever
+      knobs the dataset and the partitioner declare (``alpha``,
+      ``classes_per_client``, ``min_examples``, ``data_dir``, ...).
     batch_size: client N is padded to a multiple of this.
     seed: the run seed (int >= 0). The partition, the per-client train/test
       split and a generated dataset each draw from their own NumPy stream
@@ -64,39 +57,78 @@ def build_federated_data(cfg: Any, batch_size: int = 1, seed: int = 0,
       simulation passes a replicated ``NamedSharding`` over its mesh, which
       also works across processes (every process builds the same data).
 
+  Returns:
+    FederatedData on device; with ``server_size > 0``, ``aux["server_x"]``
+    float32 [N_s, ...] (the unlabeled server set, carved out of the clients'
+    training rows with the NumPy stream ``server_data`` of ``server_seed``,
+    default 0) and ``aux["client_keep"]`` bool [C, N] (False on those rows).
+
   Raises:
     DatasetError, PartitionError: with a message naming the setting to change.
   """
-  get = lambda k, d=None: getattr(cfg, k, d) if not isinstance(cfg, dict) else cfg.get(k, d)
-  name = get("dataset", "digits")
-  num_clients = int(get("num_clients", 100))
-  test_fraction = float(get("client_test_fraction", 0.2))
-  if name == "synthetic":
-    xs, ys = sources.synthetic_leaf(
-        num_clients, get("synthetic_alpha", 1.0), get("synthetic_beta", 1.0),
-        seed=seeding.numpy_seed(seed, "dataset"))
-    offsets = np.cumsum([0] + [len(y) for y in ys])
-    all_x, all_y = np.concatenate(xs), np.concatenate(ys)
-    parts = [np.arange(offsets[k], offsets[k + 1]) for k in range(num_clients)]
-    tr, te = part_lib.train_test_split_clients(parts, test_fraction,
-                                               seeding.numpy_seed(seed, "split"))
-    train = pack([all_x[i] for i in tr], [all_y[i] for i in tr], batch_size)
-    test = pack([all_x[i] for i in te], [all_y[i] for i in te])
-    gidx = np.concatenate(te)
-    test_x, test_y, num_classes = all_x[gidx], all_y[gidx], 10
-    input_shape = all_x.shape[1:]
+  knobs = config_items(cfg)
+  name = knobs.get("dataset", "digits")
+  fn = get_dataset(name)
+  partitioner = part_lib.from_config(knobs)
+  out = fn(**bind(fn, {**knobs, "seed": seed, "batch_size": batch_size,
+                       "partitioner": partitioner}, what=f"dataset '{name}'"))
+  server_size = int(knobs.get("server_size", 0) or 0)
+  if isinstance(out, sources.Dataset):
+    fed, train_idx = _federate(out, int(knobs.get("num_clients", 100)), partitioner,
+                               float(knobs.get("client_test_fraction", 0.2)), batch_size, seed)
+    if server_size:
+      keep, server_x = server_sets.server_holdout(
+          train_idx, out.train_y, out.train_x, server_size, int(knobs.get("server_seed", 0)),
+          fed.train.x.shape[1])
+      fed.aux.update(server_x=server_x, client_keep=keep)
+  elif isinstance(out, FederatedData):
+    fed = out
+    if server_size:
+      raise DatasetError(f"dataset '{name}' defines its own clients, so the pipeline cannot hold "
+                         "a server set out of them; set --config.data.server_size=0 or use a "
+                         "centralized dataset (e.g. digits).")
   else:
-    ds = sources.load(name, get("data_dir"))
-    parts = part_lib.partition(
-        ds.train_y, num_clients, get("partition", "dirichlet"), seeding.numpy_seed(seed, "partition"),
-        alpha=float(get("alpha", 0.5)), classes_per_client=int(get("classes_per_client", 2)),
-        min_examples=int(get("min_examples", 2)))
-    tr, te = part_lib.train_test_split_clients(parts, test_fraction,
-                                               seeding.numpy_seed(seed, "split"))
-    train = pack([ds.train_x[i] for i in tr], [ds.train_y[i] for i in tr], batch_size)
-    test = pack([ds.train_x[i] for i in te], [ds.train_y[i] for i in te])
-    test_x, test_y, num_classes, input_shape = ds.test_x, ds.test_y, ds.num_classes, ds.input_shape
-  return FederatedData(to_device(train, sharding), to_device(test, sharding),
-                       jax.device_put(np.asarray(test_x), sharding),
-                       jax.device_put(np.asarray(test_y), sharding), num_classes,
-                       tuple(input_shape), name)
+    raise DatasetError(f"dataset '{name}' returned a {type(out).__name__}; a registered dataset "
+                       "returns a fedjax_sim.data.Dataset or a FederatedData.")
+  return on_device(fed, sharding)
+
+
+def _federate(ds: sources.Dataset, num_clients: int, partitioner, test_fraction: float,
+              batch_size: int, seed: int) -> tuple[FederatedData, list[np.ndarray]]:
+  """Partitions a centralized dataset's train split over clients; host FederatedData and the
+  clients' training index lists (into ``ds.train_y``)."""
+  parts = partitioner(ds.train_y, num_clients, seeding.numpy_seed(seed, "partition"))
+  tr, te = part_lib.train_test_split_clients(parts, test_fraction,
+                                             seeding.numpy_seed(seed, "split"))
+  train, test = pack_clients(ds.train_x, ds.train_y, tr, te, batch_size)
+  return FederatedData(train, test, ds.test_x, ds.test_y, ds.num_classes,
+                       tuple(ds.input_shape), ds.name), tr
+
+
+@register_dataset("synthetic")
+def synthetic(num_clients: int = 100, client_test_fraction: float = 0.2,
+              synthetic_alpha: float = 1.0, synthetic_beta: float = 1.0, seed: int = 0,
+              batch_size: int = 1) -> FederatedData:
+  """LEAF Synthetic(alpha, beta) (:func:`fedjax_sim.data.synthetic_leaf`): the generator
+  defines the clients; each client's examples are split into its train and test parts, and
+  the global test set is the union of the test parts (10 classes, 60 features).
+
+  Raises:
+    DatasetError: synthetic_alpha or synthetic_beta < 0.
+  """
+  if synthetic_alpha < 0 or synthetic_beta < 0:
+    raise DatasetError(f"data.synthetic_alpha={synthetic_alpha} and data.synthetic_beta="
+                       f"{synthetic_beta} must be >= 0; set --config.data.synthetic_alpha / "
+                       "--config.data.synthetic_beta.")
+  num_clients = int(num_clients)
+  xs, ys = sources.synthetic_leaf(num_clients, synthetic_alpha, synthetic_beta,
+                                  seed=seeding.numpy_seed(seed, "dataset"))
+  offsets = np.cumsum([0] + [len(y) for y in ys])
+  all_x, all_y = np.concatenate(xs), np.concatenate(ys)
+  parts = [np.arange(offsets[k], offsets[k + 1]) for k in range(num_clients)]
+  tr, te = part_lib.train_test_split_clients(parts, float(client_test_fraction),
+                                             seeding.numpy_seed(seed, "split"))
+  train, test = pack_clients(all_x, all_y, tr, te, batch_size)
+  gidx = np.concatenate(te)
+  return FederatedData(train, test, all_x[gidx], all_y[gidx], 10, tuple(all_x.shape[1:]),
+                       "synthetic")

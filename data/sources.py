@@ -1,7 +1,10 @@
 """Dataset sources: embedded digits, TFDS datasets, and LEAF Synthetic(alpha, beta).
 
-Every source returns a :class:`Dataset` of NumPy arrays (host memory); packing
-into device-resident client arrays happens in :mod:`fedjax_sim.data.packing`.
+Every centralized source returns a :class:`Dataset` of NumPy arrays (host
+memory) and is registered by name (``digits``, ``tfds:<name>``;
+:func:`fedjax_sim.data.register_dataset`); partitioning and packing into
+device-resident client arrays happen in :mod:`fedjax_sim.data.pipeline`, which
+also registers ``synthetic`` (its generator defines the clients).
 """
 from __future__ import annotations
 
@@ -11,11 +14,9 @@ from typing import Optional
 
 import numpy as np
 
+from fedjax_sim.data.registry import DatasetError, bind, get_dataset, register_dataset
+
 TFDS_DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100")
-
-
-class DatasetError(ValueError):
-  """A dataset is unknown, missing or malformed (message says how to fix it)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +43,7 @@ class Dataset:
     return tuple(self.train_x.shape[1:])
 
 
+@register_dataset("digits")
 def load_digits(test_fraction: float = 0.25, split_seed: int = 0) -> Dataset:
   """scikit-learn's 1,797 real 8x8 handwritten digits (UCI), shipped in the wheel.
 
@@ -147,17 +149,27 @@ def synthetic_leaf(num_clients: int, alpha: float = 1.0, beta: float = 1.0,
   return xs, ys
 
 
+def _tfds_loader(name: str):
+  def load_prepared(data_dir: Optional[str] = None) -> Dataset:
+    """TFDS ``name`` from ``--config.data.data_dir`` (see :func:`load_tfds`)."""
+    return load_tfds(name, data_dir)
+  return load_prepared
+
+
+for _name in TFDS_DATASETS:  # tfds:<name>, each reading --config.data.data_dir
+  register_dataset(f"tfds:{_name}")(_tfds_loader(_name))
+
+
 def load(name: str, data_dir: Optional[str] = None) -> Dataset:
-  """Loads a centralized dataset by config name (``digits`` or ``tfds:<name>``).
+  """Loads a registered centralized dataset by config name (``digits``, ``tfds:<name>``, ...).
 
   Raises:
-    DatasetError: unknown name (``synthetic`` is built by the partitioner path,
-      see :func:`fedjax_sim.data.build_federated_data`).
+    DatasetError: unknown name, or the dataset defines its own clients (such as
+      ``synthetic``: build it with :func:`fedjax_sim.data.build_federated_data`).
   """
-  if name == "digits":
-    return load_digits()
-  if name.startswith("tfds:"):
-    return load_tfds(name.split(":", 1)[1], data_dir)
-  raise DatasetError(
-      f"Unknown dataset '{name}'. Use --config.data.dataset=digits (embedded), "
-      f"synthetic, or tfds:<{'|'.join(TFDS_DATASETS)}>.")
+  fn = get_dataset(name)
+  out = fn(**bind(fn, {"data_dir": data_dir}, what=f"dataset '{name}'"))
+  if not isinstance(out, Dataset):
+    raise DatasetError(f"dataset '{name}' defines its own clients, not a centralized train/test "
+                       "split; pick a centralized one (e.g. --config.data.dataset=digits).")
+  return out

@@ -1,0 +1,154 @@
+"""The data registries: dataset and partitioner names -> functions, each filled by one decorator.
+
+A new dataset or partitioner is one function with one decorator line; the
+data config then names it (``--config.data.dataset=<name>``,
+``--config.data.partition=<name>``) and nothing else changes::
+
+  from fedjax_sim.data import register_partitioner
+
+  @register_partitioner("sorted_shards")
+  def sorted_shards(labels, num_clients, seed, *, min_examples: int = 2):
+    ...  # -> num_clients index arrays into labels, every index exactly once
+
+A function declares what it reads from the data config by its signature:
+
+* a partitioner is ``fn(labels int [N], num_clients, seed, **knobs)``; each
+  keyword parameter after the first three is a knob read from
+  ``cfg.data.<knob>`` (its default where the config has no such key);
+* a dataset is ``fn(**knobs)``; each parameter is read from ``cfg.data.<name>``
+  (its default where the config has no such key), except three the pipeline
+  supplies: ``seed`` (the run seed), ``batch_size`` (client arrays are padded
+  to a multiple of it) and ``partitioner`` (``(labels, num_clients, seed) ->
+  parts``: the configured partitioner with its knobs bound). It returns a
+  :class:`fedjax_sim.data.Dataset` (a centralized train/test split, which the
+  pipeline partitions over the clients) or a
+  :class:`fedjax_sim.data.FederatedData` (the dataset defines its clients).
+
+Each function validates its own knobs and raises :class:`PartitionError` or
+:class:`DatasetError` with one line naming ``--config.data.<knob>`` and the fix.
+Names are matched case-insensitively.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Iterable, Mapping
+
+__all__ = ["DATASETS", "PARTITIONERS", "DatasetError", "PartitionError", "bind", "get_dataset",
+           "get_partitioner", "knobs_of", "register_dataset", "register_partitioner"]
+
+
+class DatasetError(ValueError):
+  """A dataset is unknown, missing or malformed (message says how to fix it)."""
+
+
+class PartitionError(ValueError):
+  """A partition setting is invalid or cannot be satisfied."""
+
+
+# name -> fn(**knobs) -> Dataset | FederatedData
+DATASETS: dict[str, Callable[..., Any]] = {}
+# name -> fn(labels, num_clients, seed, **knobs) -> list of index arrays
+PARTITIONERS: dict[str, Callable[..., list]] = {}
+_PARTITION_ALIASES: dict[str, str] = {}  # alias -> registered name (FedRE's pra / pat)
+DATASET_CONTEXT = ("seed", "batch_size", "partitioner")  # supplied by the pipeline, not cfg.data
+_REQUIRED = inspect.Parameter.empty
+
+
+def register_dataset(name: str):
+  """Decorator: registers ``fn(**knobs) -> Dataset | FederatedData`` as dataset ``name``.
+
+  Raises:
+    ValueError: ``name`` is already registered.
+  """
+  def wrap(fn):
+    key = name.lower()
+    if key in DATASETS:
+      raise ValueError(f"dataset '{name}' is registered twice.")
+    DATASETS[key] = fn
+    return fn
+  return wrap
+
+
+def register_partitioner(name: str, *, aliases: Iterable[str] = ()):
+  """Decorator: registers ``fn(labels, num_clients, seed, **knobs) -> parts`` as ``name``.
+
+  Args:
+    name: the ``cfg.data.partition`` value.
+    aliases: other names accepted for it (e.g. FedRE's ``pra`` for dirichlet).
+
+  Raises:
+    ValueError: ``name`` or an alias is already registered.
+  """
+  def wrap(fn):
+    keys = [name.lower(), *(a.lower() for a in aliases)]
+    taken = [k for k in keys if k in PARTITIONERS or k in _PARTITION_ALIASES]
+    if taken:
+      raise ValueError(f"partitioner '{taken[0]}' is registered twice.")
+    PARTITIONERS[keys[0]] = fn
+    _PARTITION_ALIASES.update({a: keys[0] for a in keys[1:]})
+    return fn
+  return wrap
+
+
+def _names(table: Mapping, aliases: Mapping | None = None) -> str:
+  out = ", ".join(sorted(table))
+  if aliases:
+    out += " (or " + ", ".join(f"{a} = {n}" for a, n in sorted(aliases.items())) + ")"
+  return out
+
+
+def get_partitioner(name: str) -> tuple[str, Callable]:
+  """``(registered name, fn)`` of partition ``name`` (an alias resolves to its target).
+
+  Raises:
+    PartitionError: unknown name (the message lists the registered ones).
+  """
+  key = str(name).lower()
+  key = _PARTITION_ALIASES.get(key, key)
+  if key not in PARTITIONERS:
+    raise PartitionError(f"Unknown partition '{name}'; set --config.data.partition to one of "
+                         f"{_names(PARTITIONERS, _PARTITION_ALIASES)}.")
+  return key, PARTITIONERS[key]
+
+
+def get_dataset(name: str) -> Callable:
+  """The function of dataset ``name``.
+
+  Raises:
+    DatasetError: unknown name (the message lists the registered ones).
+  """
+  key = str(name).lower()
+  if key not in DATASETS:
+    raise DatasetError(f"Unknown dataset '{name}'; set --config.data.dataset to one of "
+                       f"{_names(DATASETS)} (digits is embedded; tfds:* read a prepared "
+                       "--config.data.data_dir).")
+  return DATASETS[key]
+
+
+def knobs_of(fn: Callable, skip: int = 0) -> dict[str, Any]:
+  """``{parameter: default}`` of ``fn``'s parameters after the first ``skip`` positional ones.
+
+  A parameter without a default maps to ``inspect.Parameter.empty`` (required).
+  """
+  params = [p for p in inspect.signature(fn).parameters.values()
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+  return {p.name: p.default for p in params[skip:]}
+
+
+def bind(fn: Callable, available: Mapping[str, Any], *, skip: int = 0,
+         what: str = "") -> dict[str, Any]:
+  """The keyword arguments ``fn`` declares (after ``skip`` positional ones), from ``available``.
+
+  A declared parameter missing from ``available`` keeps its default.
+
+  Raises:
+    DatasetError: a parameter without a default is missing from ``available``.
+  """
+  out = {}
+  for name, default in knobs_of(fn, skip).items():
+    if name in available:
+      out[name] = available[name]
+    elif default is _REQUIRED:
+      raise DatasetError(f"{what or fn.__name__} needs --config.data.{name}; set it in the config "
+                         "file (a ConfigDict key the command line can then override).")
+  return out
