@@ -6,8 +6,9 @@
     .venv/bin/python bench/corefed_profile.py --trace corefed        # per-part time (profiler)
 
 Same setup as ``throughput()`` in ``launch/experiments/corefed_digits.py``
-(100 clients, 20 per round, MLP 64-200-200-10, E=1, B=10, 10 rounds fused per
-call, 50 rounds per repeat, configurations interleaved). Methods: fedavg,
+(``launch/configs/corefed_digits.py``: 100 clients, 20 per round, MLP
+64-200-200-10, E=1, B=10; 10 rounds fused per call, 50 rounds per repeat,
+configurations interleaved by ``fedjax_sim.simulation.time_interleaved``). Methods: fedavg,
 reference (CoRe-Fed's reference_code), refed, cofed, corefed. Prints the
 median and minimum wall ms/round, the median process CPU ms/round and the
 ratios to FedAvg; with ``--hlo`` writes each configuration's optimized HLO
@@ -25,18 +26,26 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import sys
 
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "launch", "experiments"))
-import corefed_digits as drv  # noqa: E402  (the driver's timing harness)
+from fedjax_sim import simulation
+from fedjax_sim.launch.configs import corefed_ablation
+from fedjax_sim.launch.experiment import build_experiment
+
+ROUNDS_PER_CALL = 10  # as the driver's throughput(): 10 rounds fused per call
 
 
+def build(method: str) -> list:
+  """[round_fn, compiled state, train data] of one configuration in the timing setup.
 
-ROUNDS_PER_CALL = drv.ROUNDS_PER_CALL
-build = drv.build_round  # (round_fn, compiled state, data) in the driver's timing setup
+  ``method``: a variant of ``launch/configs/corefed_ablation.py`` on digits (corefed, refed,
+  cofed, reference, fedavg, qffl, fedmdfg), seed 0.
+  """
+  cfg = corefed_ablation.get_config(f"digits:{method}")
+  cfg.seed, cfg.progress = 0, False
+  return simulation.compiled_round(build_experiment(cfg), ROUNDS_PER_CALL)
 
 
 def hlo_summary(rf, st, data, path: str) -> dict:
@@ -111,12 +120,11 @@ def main():
   methods = args.methods.split(",")
   fns = {}
   for m in methods:
-    rf, st, d = build(m)
+    fns[m] = build(m)
     if args.hlo:
       os.makedirs(args.hlo, exist_ok=True)
-      print(m, hlo_summary(rf, st, d, os.path.join(args.hlo, f"{m}.hlo.txt")))
-    fns[m] = [rf, st, d]
-  wall, cpu = drv.time_interleaved(fns, args.repeats, args.rounds)
+      print(m, hlo_summary(*fns[m], os.path.join(args.hlo, f"{m}.hlo.txt")))
+  wall, cpu = simulation.time_interleaved(fns, args.repeats, args.rounds, ROUNDS_PER_CALL)
   base = methods[0]
   print(f"{'method':10s} {'wall med':>9s} {'wall min':>9s} {'cpu med':>8s}  x{base} (med / min / cpu)")
   for m in methods:

@@ -10,10 +10,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_sim import FederatedAlgorithm, init_state, make_round, tree_weighted_mean
+from fedjax_sim import FederatedAlgorithm, tree_weighted_mean
 from fedjax_sim.algorithms import fedavg
 from fedjax_sim.launch.configs.base import get_base_config
 from fedjax_sim.launch.experiment import build_experiment
+from fedjax_sim.simulation import simulate
 
 SMOKE = bool(os.environ.get("FEDJAX_SIM_EXAMPLE_SMOKE"))
 
@@ -33,11 +34,10 @@ cfg = get_base_config()
 exp = build_experiment(cfg)
 alg = clipped_fedavg(fedavg(exp.algorithm.apply_fn, lambda r: exp.algorithm.init(r).params,
                             client_lr=0.1, batch_size=10), max_norm=1.0)
-state = init_state(alg, exp.sampler, exp.data.num_clients, seed=0, mesh=exp.mesh)
-round_fn = make_round(alg, exp.sampler, seed=0, mesh=exp.mesh, rounds_per_call=10)
-for _ in range(1 if SMOKE else 10):
-  state, metrics = round_fn(state, exp.data.train)
-acc = float(jnp.mean(jnp.argmax(alg.apply_fn(state.server.params, exp.data.test_x), -1)
-                     == exp.data.test_y))
-print(f"clipped FedAvg, {int(state.round)} rounds: test accuracy {acc:.3f}, "
-      f"clipped fraction (last round) {float(metrics['server/clipped_fraction'][-1]):.2f}")
+rounds = 10 if SMOKE else 100
+# The engine's loop; it evaluates on the global test set every eval_every rounds.
+state, history, _ = simulate(alg, exp.sampler, exp.data, seed=0, rounds=rounds,
+                             rounds_per_call=10, eval_every=rounds, mesh=exp.mesh)
+last = history[-1]
+print(f"clipped FedAvg, {last['round']} rounds: test accuracy {last['test_accuracy']:.3f}, "
+      f"clipped fraction (mean over rounds) {last['server/clipped_fraction']:.2f}")

@@ -7,10 +7,10 @@ import os
 import flax.linen as nn
 import jax.numpy as jnp
 
-from fedjax_sim import init_state, make_round
 from fedjax_sim.algorithms import fedavg, server_optimizer
 from fedjax_sim.launch.configs.base import get_base_config
 from fedjax_sim.launch.experiment import build_experiment
+from fedjax_sim.simulation import simulate
 
 SMOKE = bool(os.environ.get("FEDJAX_SIM_EXAMPLE_SMOKE"))
 
@@ -32,10 +32,8 @@ init_params = lambda rng: model.init(rng, jnp.zeros((1, 8, 8, 1)))["params"]
 alg = fedavg(apply_fn, init_params, client_lr=0.05, batch_size=10,
              server_opt=server_optimizer("adam", 0.01), name="fedadam_tanhnet")
 
-state = init_state(alg, exp.sampler, exp.data.num_clients, seed=0, mesh=exp.mesh)
-round_fn = make_round(alg, exp.sampler, seed=0, mesh=exp.mesh, rounds_per_call=10)
-for _ in range(1 if SMOKE else 10):
-  state, metrics = round_fn(state, exp.data.train)
-logits = apply_fn(state.server.params, exp.data.test_x)
-acc = float(jnp.mean(jnp.argmax(logits, -1) == exp.data.test_y))
-print(f"TanhNet + FedAdam, {int(state.round)} rounds: test accuracy {acc:.3f}")
+rounds = 10 if SMOKE else 100
+state, history, _ = simulate(alg, exp.sampler, exp.data, seed=0, rounds=rounds,
+                             rounds_per_call=10, eval_every=rounds, mesh=exp.mesh)
+print(f"TanhNet + FedAdam, {history[-1]['round']} rounds: test accuracy "
+      f"{history[-1]['test_accuracy']:.3f}")

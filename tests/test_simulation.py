@@ -1,4 +1,6 @@
-"""End to end: resume == uninterrupted, bad input errors, divergence, CLI, 1 vs 8 devices."""
+"""The loop (run_rounds: cadence, training metrics since the last evaluation, stacked runs
+diverging one by one; simulate: one program for several seeds, no files without a workdir)
+and end to end: resume == uninterrupted, bad input errors, divergence, CLI, 1 vs 8 devices."""
 import json
 import os
 import subprocess
@@ -11,7 +13,8 @@ import pytest
 from conftest import run_python
 from fedjax_sim.checkpoint import Checkpointer
 from fedjax_sim.errors import CheckpointError, ConfigError, DivergedError
-from fedjax_sim.round import init_state
+from fedjax_sim.round import init_state, make_round
+from fedjax_sim.simulation import run_rounds, simulate
 from fedjax_sim.launch.experiment import build_experiment, train_and_evaluate
 
 
@@ -27,6 +30,82 @@ def _final_state(cfg, workdir):
 def _rows(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(l) for l in f]
+
+
+def _counting_step(points=None, nan_at=None):
+  """A stand-in round function: the state is the round count, 2 rounds per call, loss = the
+  round's number ([G, 2] for ``points``); ``nan_at``: (round, point) whose loss is NaN."""
+  def step(r):
+    loss = np.array([r + 1, r + 2], np.float32)
+    if points:
+      loss = np.tile(loss, (points, 1))
+    if nan_at is not None and r < nan_at[0] <= r + 2:
+      loss[(nan_at[1], nan_at[0] - r - 1) if points else nan_at[0] - r - 1] = np.nan
+    return r + 2, {"loss": loss}
+  return step
+
+
+def test_run_rounds_cadence_and_training_metrics_since_the_last_evaluation():
+  ckpts = []
+  res = run_rounds(_counting_step(), 0, rounds=10, rounds_per_call=2, eval_every=4,
+                   checkpoint_every=6, start=0, is_finite=lambda s, m: True,
+                   checkpoint=lambda r, s: ckpts.append((r, s)),
+                   evaluate=lambda r, s, m: (r, s, m.get("loss", np.zeros(0)).tolist()))
+  # Evaluations at 0, every 4 rounds and the last round; each sees every round since the last.
+  assert res.history == [(0, 0, []), (4, 4, [1, 2, 3, 4]), (8, 8, [5, 6, 7, 8]),
+                         (10, 10, [9, 10])]
+  assert ckpts == [(6, 6), (10, 10)]
+  assert res.state == 10 and len(res.call_s) == 5
+  with pytest.raises(ConfigError, match="eval_every=3 is not a multiple of rounds_per_call=2"):
+    run_rounds(_counting_step(), 0, rounds=10, rounds_per_call=2, eval_every=3, start=0,
+               evaluate=lambda *a: None)
+
+
+def test_run_rounds_stacked_runs_diverge_one_by_one():
+  """G = 3 runs in one step: a run stops being evaluated or checkpointed from the round it
+  turns non-finite; the loop ends when none is left."""
+  diverged, rows, ckpts = [], [], []
+  alive = lambda: [g for g in range(3) if g not in [p for _, p in diverged]]
+
+  def evaluate(r, state, metrics):
+    rows.append((r, alive(), metrics.get("loss", np.zeros((3, 0))).shape))
+
+  finite = lambda state, m: np.isfinite(m["loss"]).all(axis=1) & ((np.arange(3) != 2) | (state < 6))
+  res = run_rounds(_counting_step(points=3, nan_at=(3, 1)), 0, rounds=8, rounds_per_call=2,
+                   start=0, evaluate=evaluate, is_finite=finite,
+                   on_diverged=lambda r, g: diverged.append((r, g)),
+                   checkpoint=lambda r, s: ckpts.append((r, alive())))
+  assert diverged == [(3, 1), (5, 2)]  # point 2: finite loss, non-finite state -> first round
+  assert rows == [(0, [0, 1, 2], (3, 0)), (2, [0, 1, 2], (3, 2)), (4, [0, 2], (3, 2)),
+                  (6, [0], (3, 2)), (8, [0], (3, 2))]
+  assert ckpts == [(8, [0])] and res.state == 8
+  gone = []
+  res = run_rounds(_counting_step(points=2), 0, rounds=8, rounds_per_call=2, start=0,
+                   evaluate=lambda *a: None, is_finite=lambda s, m: np.array([s < 4, False]),
+                   on_diverged=lambda r, g: gone.append((r, g)))
+  assert gone == [(1, 1), (3, 0)] and res.state == 4 and len(res.call_s) == 2
+
+
+def test_simulate_runs_seeds_through_one_program_and_writes_no_files(small_config, tmp_path,
+                                                                      monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  exp = build_experiment(small_config)
+  kw = dict(rounds=4, rounds_per_call=2, eval_every=2, chunk_size=2, mesh=exp.mesh)
+  shared = make_round(exp.algorithm, exp.sampler, seed=None, mesh=exp.mesh, chunk_size=2,
+                      rounds_per_call=2)
+  for seed in (0, 1):
+    a = simulate(exp.algorithm, exp.sampler, exp.data, seed=seed, round_fn=shared, **kw)
+    b = simulate(exp.algorithm, exp.sampler, exp.data, seed=seed, **kw)
+    assert [r["round"] for r in a.history] == [r["round"] for r in b.history] == [0, 2, 4]
+    for x, y in zip(jax.tree.leaves(a.state), jax.tree.leaves(b.state)):
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a.history[-1]["test_accuracy"], b.history[-1]["test_accuracy"],
+                               atol=1e-3)
+  assert shared._cache_size() == 1  # both seeds, one compiled program
+  assert os.listdir(tmp_path) == []
+  with pytest.raises(ConfigError, match="build it with rounds_per_call=1"):
+    simulate(exp.algorithm, exp.sampler, exp.data, seed=0, round_fn=shared,
+             **dict(kw, rounds=3))
 
 
 def test_resumed_run_equals_uninterrupted(small_config, tmp_path):
