@@ -3,7 +3,7 @@
 Shapes: B anchors (a public batch for the multi-model losses), D embedding
 dim, M other models (FedMuscle: M sampled other users, N = M + 1 models in a
 tuple). All losses take embeddings that the caller has already L2-normalized
-unless stated, and return float32 scalars.
+(:func:`fedjax_sim.metrics.l2_normalize`) unless stated, and return float32 scalars.
 
 Multi-model losses (FedMuscle, arXiv 2602.01626; ``docs/decisions.md#fedmuscle``):
 :func:`pairwise_info_nce` (sum of InfoNCE over the anchor's model pairs),
@@ -18,21 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-
-def l2_normalize(z: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
-  """z / max(||z||, eps) along ``axis``, with a finite gradient at z = 0.
-
-  ``jnp.linalg.norm``'s gradient at a zero vector is NaN, and a masked-out
-  zero row (a padded example through a bias-free layer) still sends
-  0 * NaN = NaN into the parameters. Zero rows go through the norm as ones
-  (the double-``where`` trick), so their gradient is finite (z / eps, as
-  torch's ``F.normalize``), while every nonzero row runs exactly the ops it
-  always did: values and gradients are bit for bit those of
-  ``z / max(norm(z), eps)`` there (committed results do not move).
-  """
-  nonzero = jnp.any(z != 0, axis=axis, keepdims=True)
-  norm = jnp.linalg.norm(jnp.where(nonzero, z, 1.0), axis=axis, keepdims=True)
-  return z / jnp.maximum(jnp.where(nonzero, norm, 0.0), eps)
+from fedjax_sim.metrics import l2_normalize
 
 
 def info_nce(anchors: jax.Array, positives: jax.Array, tau: float) -> jax.Array:

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from fedjax_sim.algorithms import losses
+from fedjax_sim.metrics import l2_normalize
 
 LOSSES = {
     "muscle": lambda a, o: losses.muscle_loss(a, o, 0.2, 0.15),
@@ -31,8 +32,8 @@ LOSSES = {
 
 def measure(name: str, m: int, b: int, d: int, repeats: int) -> dict:
   key = jax.random.PRNGKey(m)
-  a = losses.l2_normalize(jax.random.normal(key, (b, d)))
-  o = losses.l2_normalize(jax.random.normal(jax.random.fold_in(key, 1), (m, b, d)))
+  a = l2_normalize(jax.random.normal(key, (b, d)))
+  o = l2_normalize(jax.random.normal(jax.random.fold_in(key, 1), (m, b, d)))
   fn = jax.jit(jax.value_and_grad(LOSSES[name]))
   compiled = fn.lower(a, o).compile()
   mem = compiled.memory_analysis()

@@ -9,13 +9,16 @@ and the all-ones vector, FedMDFG's fairness angle, what the official CoRe-Fed
 code computes) and ``d_manhattan`` (sum_i |acc_i - mean acc| in percentage
 points); ``repr_disparity`` = mean_i (1 - cos(z_i, z_g)) with z_i client i's
 L2-normalized mean embedding and z_g the L2-normalized mean of the z_i
-(CoRe-Fed, arXiv 2602.00647).
+(CoRe-Fed, arXiv 2602.00647; the report's evaluation of it is
+``repr_metrics.make_repr_eval(..., metrics=("disparity",))``).
+
+:func:`l2_normalize` is the package's one L2-normalization (a leaf module, so
+the engine's representation metrics and the algorithms' losses import it
+without a cycle).
 
 Axis legend: C clients, N examples per client, D embedding dim.
 """
 from __future__ import annotations
-
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -64,8 +67,37 @@ def accuracy_spread(acc: np.ndarray) -> dict[str, float]:
   }
 
 
-def _normalize(z, eps=1e-12):
-  return z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), eps)
+def l2_normalize(z: jax.Array, axis: int = -1, eps: float = 1e-12, *,
+                 rsqrt: bool = False) -> jax.Array:
+  """z / max(||z||, eps) along ``axis``, with a finite gradient at z = 0 (jittable).
+
+  The one L2-normalization of the package (the engine's representation
+  metrics, the contrastive losses, SSD/FedSimCLR, FedMuscle, CoRe-Fed).
+  ``jnp.linalg.norm``'s gradient at a zero vector is NaN, and a masked-out
+  zero row (a padded example through a bias-free layer) still sends
+  0 * NaN = NaN into the parameters. Zero rows go through the norm as ones
+  (the double-``where`` trick), so their gradient is finite (z / eps, as
+  torch's ``F.normalize``), while every nonzero row runs exactly the ops of
+  ``z / max(norm(z), eps)``: values and gradients are bit for bit those.
+
+  Args:
+    z: float array [..., D, ...]; normalized along ``axis``.
+    axis: the axis normalized.
+    eps: lower bound on the norm (a zero row stays zero).
+    rsqrt: evaluate ``z * rsqrt(max(sum z^2, eps^2))`` instead (one rsqrt and a
+      multiply, no divide). The same function up to rounding (last-ulp
+      differences), also finite at zero; CoRe-Fed uses it because its
+      committed results were computed with it (``docs/decisions.md#core-fed``).
+
+  Returns:
+    float array, the shape and dtype of ``z``.
+  """
+  if rsqrt:
+    sq = jnp.sum(z * z, axis=axis, keepdims=True)
+    return z * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
+  nonzero = jnp.any(z != 0, axis=axis, keepdims=True)
+  norm = jnp.linalg.norm(jnp.where(nonzero, z, 1.0), axis=axis, keepdims=True)
+  return z / jnp.maximum(jnp.where(nonzero, norm, 0.0), eps)
 
 
 def representation_disparity(z: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -79,32 +111,9 @@ def representation_disparity(z: jax.Array, valid: jax.Array) -> tuple[jax.Array,
     (disparity float32 [], z_g float32 [D]) with z_g = normalize(mean of valid
     normalized z_i); disparity 0 when no client is valid.
   """
-  zn = _normalize(z)
+  zn = l2_normalize(z)
   v = valid.astype(zn.dtype)
-  zg = _normalize(jnp.sum(zn * v[:, None], 0) / jnp.maximum(jnp.sum(v), 1.0))
+  zg = l2_normalize(jnp.sum(zn * v[:, None], 0) / jnp.maximum(jnp.sum(v), 1.0))
   d = jnp.sum((1.0 - zn @ zg) * v) / jnp.maximum(jnp.sum(v), 1.0)
   return d, zg
 
-
-def make_representation_eval(embed_fn: Callable, *, client_chunk: int = 32):
-  """Jitted ``(params, x [C, N, ...], mask [C, N]) -> dict`` with the global model.
-
-  z_i = normalize(mean over client i's real rows of embed_fn(params, x)[1]);
-  returns ``repr_disparity`` (float32 []) and ``client_embedding`` ([C, D]).
-  Clients without rows are excluded.
-
-  Args:
-    embed_fn: ``(params, x [B, ...]) -> (logits [B, L], z [B, D])``.
-  """
-  def client_mean(params, x, mask):
-    _, z = embed_fn(params, x)
-    m = mask.astype(z.dtype)
-    return jnp.sum(z * m[:, None], 0) / jnp.maximum(jnp.sum(m), 1.0)
-
-  def run(params, x, mask):
-    chunk = min(client_chunk, x.shape[0])
-    zs = jax.lax.map(lambda a: client_mean(params, *a), (x, mask), batch_size=chunk)
-    d, _ = representation_disparity(zs, jnp.any(mask, axis=1))
-    return {"repr_disparity": d, "client_embedding": _normalize(zs)}
-
-  return jax.jit(run)

@@ -32,7 +32,7 @@ D embedding, L classes.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,10 +40,8 @@ import numpy as np
 import optax
 
 from fedjax_sim.client_data import ClientData
-
-
-def _normalize(z: jax.Array) -> jax.Array:
-  return z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
+from fedjax_sim.errors import ConfigError
+from fedjax_sim.metrics import l2_normalize, representation_disparity
 
 
 def alignment(z1: jax.Array, z2: jax.Array, mask: Optional[jax.Array] = None,
@@ -103,7 +101,7 @@ def knn_accuracy(bank: jax.Array, bank_y: jax.Array, query: jax.Array, query_y: 
     bank_mask: bool [M] or None; False rows are never neighbours.
   Returns: float32 scalar accuracy.
   """
-  sim = _normalize(query) @ _normalize(bank).T  # [Q, M]
+  sim = l2_normalize(query) @ l2_normalize(bank).T  # [Q, M]
   if bank_mask is not None:
     sim = jnp.where(bank_mask[None, :], sim, -1e30)
   top, idx = jax.lax.top_k(sim, min(k, bank.shape[0]))
@@ -167,18 +165,18 @@ def _evaluate_arrays(params, key, flat_x, mask, idx, pool_mask, train_y, test_x,
   th, tz = feats(params, test_x)
   out = {}
   for name, f, tf in (("enc", h, th), ("proj", z, tz)):
-    fn = _normalize(f)
+    fn = l2_normalize(f)
     out[f"uniformity_global_{name}"] = uniformity(fn[idx], pool_mask, t)
     vals, has = local_uniformity(fn.reshape(c, n, -1), mask, t)
     out[f"uniformity_local_{name}"] = jnp.sum(jnp.where(has, vals, 0.0)) / jnp.maximum(
         jnp.sum(has), 1)
-    out[f"uniformity_test_{name}"] = uniformity(_normalize(tf), None, t)
+    out[f"uniformity_test_{name}"] = uniformity(l2_normalize(tf), None, t)
   if augment_fn is not None:
     k1, k2 = jax.random.split(key)
     h1, z1 = feats(params, augment_fn(k1, test_x))
     h2, z2 = feats(params, augment_fn(k2, test_x))
-    out["alignment_test_enc"] = alignment(_normalize(h1), _normalize(h2))
-    out["alignment_test_proj"] = alignment(_normalize(z1), _normalize(z2))
+    out["alignment_test_enc"] = alignment(l2_normalize(h1), l2_normalize(h2))
+    out["alignment_test_proj"] = alignment(l2_normalize(z1), l2_normalize(z2))
   out["knn_accuracy"] = knn_accuracy(h[idx], train_y, th, test_y, num_classes=num_classes,
                                      k=knn_k, temperature=knn_t, bank_mask=pool_mask)
   out["linear_probe_accuracy"] = linear_probe_accuracy(
@@ -187,35 +185,92 @@ def _evaluate_arrays(params, key, flat_x, mask, idx, pool_mask, train_y, test_x,
   return out
 
 
+@functools.partial(jax.jit, static_argnames=("features_fn", "client_chunk"))
+def _disparity_arrays(params, x, mask, *, features_fn, client_chunk):
+  """Jitted body of ``make_repr_eval(..., metrics=("disparity",))``: x [C, N, ...], mask [C, N]."""
+  def client_mean(params, x, mask):
+    _, z = features_fn(params, x)
+    m = mask.astype(z.dtype)
+    return jnp.sum(z * m[:, None], 0) / jnp.maximum(jnp.sum(m), 1.0)
+
+  chunk = min(client_chunk, x.shape[0])
+  zs = jax.lax.map(lambda a: client_mean(params, *a), (x, mask), batch_size=chunk)
+  d, _ = representation_disparity(zs, jnp.any(mask, axis=1))
+  return {"repr_disparity": d, "client_embedding": l2_normalize(zs)}
+
+
 FeatureFn = Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]
+METRIC_GROUPS = ("quality", "disparity")
 
 
-def make_repr_eval(features_fn: FeatureFn, train: ClientData, test_x: jax.Array,
-                   test_y: jax.Array, *, num_classes: int,
+def make_repr_eval(features_fn: FeatureFn, train: ClientData,
+                   test_x: Optional[jax.Array] = None, test_y: Optional[jax.Array] = None, *,
+                   num_classes: Optional[int] = None, metrics: Sequence[str] = ("quality",),
                    augment_fn: Optional[Callable[[jax.Array, jax.Array], jax.Array]] = None,
                    t: float = 2.0, knn_k: int = 20, knn_t: float = 0.1, probe_steps: int = 500,
-                   batch_size: int = 1024, pool_size: Optional[int] = None):
-  """Builds ``evaluate(params, key) -> dict[str, float]`` for a global encoder.
+                   batch_size: int = 1024, pool_size: Optional[int] = None,
+                   client_chunk: int = 32):
+  """Builds ``evaluate(params, key=None) -> dict`` for a global model's representations.
+
+  The one representation evaluation: SSD / FedAlignUniform / FedSimCLR
+  (``metrics=("quality",)``, the default) and CoRe-Fed's report
+  (``metrics=("disparity",)``). Each group is its own jitted program, so a
+  group's values do not depend on which other groups are asked for.
 
   Args:
-    features_fn: ``(params, x [B, ...]) -> (h [B, D], z [B, D'])``: raw
-      encoder features (probed, k-NN'd) and raw projector outputs.
+    features_fn: ``(params, x [B, ...]) -> (h [B, D], z [B, D'])``. "quality"
+      probes and k-NNs the raw encoder features h and measures uniformity and
+      alignment of both; "disparity" uses only z (CoRe-Fed: ``embed_fn``,
+      ``(params, x) -> (logits [B, L], z [B, D'])``).
     train: all clients' training data, ClientData [C, N, ...].
-    test_x: float32 [Q, ...]; test_y int32 [Q]: the global test set.
-    num_classes: L.
+    test_x: float32 [Q, ...]; test_y int32 [Q]: the global test set ("quality" only).
+    num_classes: L ("quality" only).
+    metrics: the groups to compute, any of ``METRIC_GROUPS``:
+      "quality": ``uniformity_{global,local,test}_{enc,proj}`` (L_uniform,
+        lower = more uniform), ``alignment_test_{enc,proj}`` (when augment_fn
+        is given), ``knn_accuracy``, ``linear_probe_accuracy`` (floats).
+      "disparity": ``repr_disparity`` (float; mean_i (1 - cos(z_i, z_g)), z_i
+        = normalize(mean of z over client i's real rows), z_g = normalize(mean
+        of the z_i), clients without rows excluded; see
+        :func:`fedjax_sim.metrics.representation_disparity`) and
+        ``client_embedding`` (float32 np.ndarray [C, D'], the z_i).
     augment_fn: ``(key, x [B, ...]) -> x'`` for test-set alignment (two views);
       None skips alignment.
     t: uniformity temperature.  knn_k, knn_t: k-NN.  probe_steps: probe's Adam steps.
-    batch_size: feature-extraction batch.
+    batch_size: "quality"'s feature-extraction batch.
     pool_size: pad the pooled real training rows (M) to this static size, so
       datasets of different M (partitions of different seeds) share one
       compiled evaluation; default M.
+    client_chunk: "disparity" embeds this many clients' N rows at a time.
 
   Returns:
-    ``evaluate(params, key)`` returning floats: ``uniformity_{global,local,test}_{enc,proj}``
-    (L_uniform, lower = more uniform), ``alignment_test_{enc,proj}`` (when
-    augment_fn is given), ``knn_accuracy``, ``linear_probe_accuracy``.
+    ``evaluate(params, key=None)``: a dict with the groups' keys. ``key`` (a
+    PRNG key) draws the alignment views; it is required when augment_fn is given.
+
+  Raises:
+    ConfigError: an unknown group, or "quality" without test_x, test_y and num_classes.
+    ValueError: pool_size below the number of real training rows.
   """
+  groups = tuple(metrics)
+  unknown = [g for g in groups if g not in METRIC_GROUPS]
+  if unknown or not groups:
+    raise ConfigError(f"make_repr_eval metrics={groups}: choose groups from {METRIC_GROUPS}.")
+  quality = "quality" in groups
+  if quality and (test_x is None or test_y is None or num_classes is None):
+    raise ConfigError("make_repr_eval metrics=('quality',) needs test_x, test_y and "
+                      "num_classes; pass them or use metrics=('disparity',).")
+  to_host = lambda out: {k: float(v) if np.ndim(v) == 0 else np.asarray(v)
+                         for k, v in jax.device_get(out).items()}
+
+  def disparity(params):
+    if "disparity" not in groups:
+      return {}
+    return _disparity_arrays(params, train.x, train.mask, features_fn=features_fn,
+                             client_chunk=client_chunk)
+
+  if not quality:
+    return lambda params, key=None: to_host(disparity(params))
+
   c, n = train.y.shape
   flat_x = train.x.reshape(c * n, *train.x.shape[2:])
   mask = np.asarray(train.mask)
@@ -231,9 +286,14 @@ def make_repr_eval(features_fn: FeatureFn, train: ClientData, test_x: jax.Array,
   static = dict(features_fn=features_fn, augment_fn=augment_fn, num_classes=num_classes, t=t,
                 knn_k=knn_k, knn_t=knn_t, probe_steps=probe_steps, batch_size=batch_size)
 
-  def evaluate(params, key):
+  def evaluate(params, key=None):
+    if key is None:
+      if augment_fn is not None:
+        raise ConfigError("make_repr_eval with augment_fn: pass evaluate(params, key) (the "
+                          "alignment views are drawn with it).")
+      key = jax.random.PRNGKey(0)  # unused without augment_fn
     out = _evaluate_arrays(params, key, flat_x, mask, idx, pool_mask, train_y, test_x, test_y,
                            **static)
-    return {k: float(v) for k, v in jax.device_get(out).items()}
+    return to_host({**out, **disparity(params)})
 
   return evaluate
