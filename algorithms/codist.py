@@ -43,9 +43,12 @@ that summary. What the paper states and we follow:
   after it), so a non-distilling round costs nothing; the mode and knobs are
   runtime values in the server state (:class:`CodistKnobs`), so FedAvg,
   PERIODIC and MERGED share one compiled round.
-* The server dataset: a held-out slice of the training split that no client
-  ever holds (:func:`build_codist_data`); or, through the CLI, examples masked
-  out of the clients' arrays (:func:`server_holdout_mask`).
+* The server dataset is built in ``data/`` (:mod:`fedjax_sim.data.server_sets`):
+  a held-out slice of the training split that no client ever holds
+  (``build_codist_data``, the report's driver); or, through the CLI
+  (``--config.data.server_size``), the clients' training rows the data
+  pipeline holds out (``FederatedData.aux["server_x"]``), hidden from local
+  training by ``aux["client_keep"]``.
 
 Axis legend: C clients, C_p clients of a pool, K cohort, N examples per client,
 N_s server (distillation) examples, B batch, B_d distillation batch, L classes.
@@ -60,9 +63,11 @@ import numpy as np
 import optax
 
 from fedjax_sim import seeding
+from fedjax_sim.errors import ConfigError
 from fedjax_sim.protocol import FederatedAlgorithm, Pool, tree_weighted_mean
 from fedjax_sim.algorithms.fedavg import ServerState, fedavg
 from fedjax_sim.algorithms.pooled import DataSpec, zoo_functions
+from fedjax_sim.algorithms.registry import register
 
 MODES = ("fedavg", "periodic", "merged")
 
@@ -200,10 +205,12 @@ def _select(pred, a, b):
   return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
 
 
-def codist(small_arch: str, large_arch: str, spec: DataSpec, *, large_ids: Sequence[int],
-           server_x: Any, mode: str = "merged", alpha: float = 0.5, period: int = 10,
+def codist(small_arch: str, large_arch: str, spec: DataSpec, *, server_x: Any,
+           mode: str = "merged", alpha: float = 0.5, period: int = 10,
            distill_steps: int = 5, distill_lr: float = 1e-3, temperature: float = 2.0,
            distill_batch: int = 64, k_small: int = 10, k_large: int = 5,
+           large_fraction: float = 0.3, large_ids: Optional[Sequence[int]] = None,
+           pool_seed: int = 0,
            server_opt: optax.GradientTransformation = optax.adam(1e-2, eps=1e-3),
            small_ids: Optional[Sequence[int]] = None, client_keep: Optional[Any] = None,
            **fedavg_kwargs: Any) -> FederatedAlgorithm:
@@ -227,7 +234,6 @@ def codist(small_arch: str, large_arch: str, spec: DataSpec, *, large_ids: Seque
       as in :func:`~fedjax_sim.algorithms.pooled.fedavg_per_pool`, so a pool
       samples the same cohorts as there).
     spec: data shapes.
-    large_ids: int [C_large] global ids of the high-capacity clients.
     server_x: float32 [N_s, *input_shape], unlabeled server data (stored in
       the server state).
     mode: ``fedavg`` (no distillation), ``periodic`` or ``merged``.
@@ -235,7 +241,14 @@ def codist(small_arch: str, large_arch: str, spec: DataSpec, *, large_ids: Seque
     period: p; PERIODIC distills in 0-based rounds r with ``r % p == 0``.
     distill_steps: s.  distill_lr: Adam lr.  temperature: T.
     distill_batch: B_d (static).
-    k_small, k_large: clients per round K_p of each pool.
+    k_small, k_large: clients per round K_p of each pool (K_large at most
+      the number of high-capacity clients).
+    large_fraction: share of high-capacity clients when ``large_ids`` is
+      not given: ``max(1, round(large_fraction * C))`` clients drawn at random
+      (NumPy stream ``pools`` of ``pool_seed``, :mod:`fedjax_sim.seeding`).
+    large_ids: int [C_large] global ids of the high-capacity clients
+      (overrides ``large_fraction``).
+    pool_seed: seed of that draw (the registry builder passes the run seed).
     server_opt: the server optimizer of BOTH models (FedAdam by default; one
       state per model).
     small_ids: int [C_small] global ids of the small pool (default: all C
@@ -248,14 +261,22 @@ def codist(small_arch: str, large_arch: str, spec: DataSpec, *, large_ids: Seque
   Raises:
     ValueError: unknown mode, equal architectures, or bad knob values.
   """
+  if large_ids is None:
+    if not 0.0 < large_fraction <= 1.0:
+      raise ValueError(f"large_fraction={large_fraction} must be in (0, 1] (the share of "
+                       "high-capacity clients); set --config.codist.large_fraction.")
+    n_large = max(1, int(round(large_fraction * spec.num_clients)))
+    large_ids = np.sort(seeding.numpy_rng(pool_seed, "pools").permutation(
+        spec.num_clients)[:n_large])
   knobs0 = make_knobs(mode, alpha=alpha, period=period, steps=distill_steps, lr=distill_lr,
                       temperature=temperature)
   if small_arch == large_arch:
     raise ValueError(f"small and large architecture are both '{small_arch}'; pick two MODEL_ZOO "
-                     "names (e.g. mlp_s and mlp_l).")
+                     "names (e.g. --config.archs=\"('mlp_s', 'mlp_l')\").")
   small_ids = np.arange(spec.num_clients, dtype=np.int32) if small_ids is None else np.asarray(
       small_ids, np.int32)
   large_ids = np.asarray(large_ids, np.int32)
+  k_large = min(k_large, len(large_ids))
   server_x0 = np.asarray(server_x, np.float32)
   if server_x0.shape[1:] != tuple(spec.input_shape):
     raise ValueError(f"server_x has example shape {server_x0.shape[1:]}, the data "
@@ -337,166 +358,6 @@ def codist(small_arch: str, large_arch: str, spec: DataSpec, *, large_ids: Seque
 
 
 # ---------------------------------------------------------------------------------------------
-# Data: the server's unlabeled set, disjoint from every client's examples.
-
-
-class CodistData(NamedTuple):
-  """Client data plus held-out server sets (see :func:`build_codist_data`).
-
-  Attributes:
-    fed: FederatedData: train/test ClientData [C, N, ...] (no server example
-      in either), the global test set (the source's test split).
-    server_sets: name -> float32 [N_s, ...] unlabeled server data: ``in``
-      (classes clients hold) and, when ``ood_classes`` is set, ``ood``.
-    server_idx: name -> int [N_s] indices into the source's TRAIN split.
-    large_ids: int32 [C_large] global ids of high-capacity clients.
-    small_ids: int32 [C_small] ids of the small pool (all clients, or the
-      complement of large_ids under domain shift).
-  """
-  fed: Any
-  server_sets: dict
-  server_idx: dict
-  large_ids: np.ndarray
-  small_ids: np.ndarray
-
-
-def _take_per_class(labels, classes, size, rng) -> np.ndarray:
-  """``size`` indices with labels in ``classes``, split as evenly as possible by class."""
-  pools = [rng.permutation(np.flatnonzero(labels == c)) for c in classes]
-  share = np.array_split(np.arange(size), len(classes))
-  return np.sort(np.concatenate([p[: len(s)] for p, s in zip(pools, share)])).astype(np.int64)
-
-
-def build_codist_data(*, dataset: str = "digits", num_clients: int = 50,
-                      large_fraction: float = 0.3, server_size: int = 250,
-                      partition: str = "dirichlet", alpha: float = 0.5,
-                      domain_classes: Optional[tuple] = None,
-                      ood_classes: Optional[Sequence[int]] = None, client_test_fraction=0.2,
-                      batch_size: int = 10, seed: int = 0, server_seed: int = 0,
-                      data_dir: Optional[str] = None) -> CodistData:
-  """Clients' data and held-out unlabeled server sets, from the source's train split.
-
-  The server sets are drawn (per class, evenly; NumPy stream ``server_data`` of
-  ``server_seed``, see :mod:`fedjax_sim.seeding`)
-  from the source's TRAIN split, and those examples are removed before the
-  clients' partition, so no client ever holds one. The global test set (the
-  source's test split) is untouched. For digits: train = 1,347 examples
-  (``sources.load_digits``' stratified 75% split), test = 450.
-
-  Without domain shift: ``server_size`` examples of all classes form ``in``;
-  the rest is split over C clients by ``partition``; the first
-  ``round(large_fraction * C)`` clients are high-capacity (a random subset,
-  since the partition is a random draw per seed).
-
-  With ``domain_classes = (large_classes, small_classes)``: the first
-  ``round(large_fraction * C)`` clients hold only ``large_classes``, the
-  others only ``small_classes`` (each group split by ``partition`` among its
-  clients); the small pool is then those other clients (disjoint pools).
-  ``ood_classes`` (e.g. (8, 9)) are held by NO client: ``ood`` is
-  ``server_size`` examples of them (out-of-domain distillation data), and the
-  ``in`` set is drawn from the clients' classes.
-
-  Raises:
-    ValueError: overlapping class groups or too few examples.
-  """
-  from fedjax_sim.client_data import pack, to_device
-  from fedjax_sim.data import partitioners as part_lib
-  from fedjax_sim.data import sources
-  from fedjax_sim.data.pipeline import FederatedData
-
-  ds = sources.load(dataset, data_dir)
-  labels = np.asarray(ds.train_y)
-  all_classes = list(range(ds.num_classes))
-  ood = list(ood_classes or [])
-  if domain_classes is not None:
-    groups = [list(g) for g in domain_classes]
-    flat = groups[0] + groups[1] + ood
-    if len(set(flat)) != len(flat):
-      raise ValueError(f"domain classes {domain_classes} and ood_classes {ood} overlap.")
-  client_classes = [c for c in all_classes if c not in ood] if domain_classes is None else (
-      groups[0] + groups[1])
-  rng = seeding.numpy_rng(server_seed, "server_data")
-  server_idx = {"in": _take_per_class(labels, client_classes, server_size, rng)}
-  if ood:
-    server_idx["ood"] = _take_per_class(labels, ood, server_size, rng)
-  held = np.zeros(len(labels), bool)
-  for idx in server_idx.values():
-    held[idx] = True
-  avail = np.flatnonzero(~held & np.isin(labels, client_classes))
-
-  n_large = int(round(large_fraction * num_clients))
-  if not 1 <= n_large <= num_clients:
-    raise ValueError(f"large_fraction={large_fraction} of {num_clients} clients gives {n_large} "
-                     "high-capacity clients; need at least 1.")
-  split = lambda idx, n, s: [idx[p] for p in part_lib.partition(
-      labels[idx], n, partition, s, alpha=alpha, min_examples=2)]
-  part_seed = seeding.numpy_seed(seed, "partition")
-  if domain_classes is None:
-    parts = split(avail, num_clients, part_seed)
-    # Client k's data are a random draw of the seed's partition, so the first
-    # n_large clients are a random subset; fixed ids let seeds share a program.
-    large_ids, small_ids = np.arange(n_large), np.arange(num_clients)
-  else:
-    if n_large == num_clients:
-      raise ValueError("domain shift needs clients in both groups; lower large_fraction.")
-    a = avail[np.isin(labels[avail], groups[0])]
-    b = avail[np.isin(labels[avail], groups[1])]
-    seed_a, seed_b = part_seed.spawn(2)  # one partition stream per class group
-    parts = split(a, n_large, seed_a) + split(b, num_clients - n_large, seed_b)
-    large_ids, small_ids = np.arange(n_large), np.arange(n_large, num_clients)
-  tr, te = part_lib.train_test_split_clients(parts, client_test_fraction,
-                                             seeding.numpy_seed(seed, "split"))
-  train = pack([ds.train_x[i] for i in tr], [labels[i] for i in tr], batch_size)
-  test = pack([ds.train_x[i] for i in te], [labels[i] for i in te])
-  fed = FederatedData(to_device(train), to_device(test), jax.device_put(ds.test_x),
-                      jax.device_put(ds.test_y), ds.num_classes, tuple(ds.input_shape), ds.name)
-  return CodistData(fed, {k: np.asarray(ds.train_x[v], np.float32) for k, v in server_idx.items()},
-                    server_idx, large_ids.astype(np.int32), small_ids.astype(np.int32))
-
-
-def server_holdout_mask(data_cfg: Any, batch_size: int, seed: int, server_size: int,
-                        server_seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-  """CLI path: server rows carved out of the engine pipeline's client arrays.
-
-  ``fedjax_sim.data.build_federated_data`` hands every train-split example to
-  some client. This re-derives its client train index lists (same
-  partitioner calls and seeds as ``data/pipeline.py``; a test checks they
-  agree), picks ``server_size`` of the clients' TRAIN rows (per class, NumPy
-  stream ``server_data`` of ``server_seed``) as the server set and returns a keep mask that
-  hides them from local training. Clients' own test rows and the global test
-  set are untouched.
-
-  Returns:
-    ``(keep bool [C, N], server_x float32 [N_s, ...])`` with N the pipeline's
-    padded train length.
-  """
-  from fedjax_sim.data import partitioners as part_lib
-  from fedjax_sim.data import sources
-  get = lambda k, d=None: getattr(data_cfg, k, d)
-  ds = sources.load(get("dataset", "digits"), get("data_dir"))
-  parts = part_lib.partition(ds.train_y, int(get("num_clients")), get("partition", "dirichlet"),
-                             seeding.numpy_seed(seed, "partition"),
-                             alpha=float(get("alpha", 0.5)),
-                             classes_per_client=int(get("classes_per_client", 2)),
-                             min_examples=int(get("min_examples", 2)))
-  tr, _ = part_lib.train_test_split_clients(parts, float(get("client_test_fraction", 0.2)),
-                                            seeding.numpy_seed(seed, "split"))
-  # Never take a client's last training row: every client keeps >= 1 example.
-  cand = np.concatenate([t[1:] for t in tr])
-  labels = np.asarray(ds.train_y)
-  rng = seeding.numpy_rng(server_seed, "server_data")
-  classes = np.unique(labels[cand])
-  chosen = _take_per_class(labels[cand], classes, server_size, rng)
-  server = np.zeros(len(labels), bool)
-  server[cand[chosen]] = True
-  n = -(-max(len(t) for t in tr) // batch_size) * batch_size
-  keep = np.zeros((len(tr), n), bool)
-  for k, t in enumerate(tr):
-    keep[k, : len(t)] = ~server[t]
-  return keep, np.asarray(ds.train_x[server], np.float32)
-
-
-# ---------------------------------------------------------------------------------------------
 # Evaluation of the two global models, and the config builder.
 
 
@@ -516,22 +377,25 @@ def make_predict(algorithm: FederatedAlgorithm):
   return jax.jit(predict)
 
 
-def build_codist(cfg: Any, spec: DataSpec) -> FederatedAlgorithm:
-  """Registry builder (``--config.algorithm=codist``; knobs under ``cfg.codist``).
+@register("codist", codist, pooled=True,
+          fixed=("k_small", "large_ids", "pool_seed", "small_ids", "client_keep"))
+def _build(ctx, **knobs):
+  """CODIST from a run config: pools ``--config.archs`` = (small, large); knobs
+  ``--config.codist.<knob>``; the server set from the data
+  (``--config.data.server_size``: ``ctx.data.aux["server_x"]``, hidden from the
+  clients by ``aux["client_keep"]``); K_small = ``--config.clients_per_round``;
+  high-capacity clients drawn with the run seed (``large_fraction``).
 
-  The CLI's data come from the engine pipeline, where every train-split
-  example belongs to a client, so the server set is carved out with
-  :func:`server_holdout_mask`. High-capacity clients: a random
-  ``large_fraction`` of the C clients (NumPy stream ``pools`` of ``cfg.seed``).
+  Raises:
+    ConfigError: not two architectures, or no server set in the data.
   """
-  from fedjax_sim.algorithms.config_args import client_kwargs, server_opt
-  c = cfg.codist
-  keep, server_x = server_holdout_mask(cfg.data, cfg.batch_size, cfg.seed, c.server_size,
-                                       c.server_seed)
-  n_large = max(1, int(round(c.large_fraction * spec.num_clients)))
-  large_ids = np.sort(seeding.numpy_rng(cfg.seed, "pools").permutation(spec.num_clients)[:n_large])
-  return codist(c.small_arch, c.large_arch, spec, large_ids=large_ids, server_x=server_x,
-                mode=c.mode, alpha=c.alpha, period=c.period, distill_steps=c.distill_steps,
-                distill_lr=c.distill_lr, temperature=c.temperature, distill_batch=c.distill_batch,
-                k_small=cfg.clients_per_round, k_large=min(c.k_large, n_large),
-                server_opt=server_opt(cfg), client_keep=keep, **client_kwargs(cfg))
+  if len(ctx.archs) != 2:
+    raise ConfigError(f"codist trains two models, small then large, but --config.archs="
+                      f"{tuple(ctx.archs)}; set --config.archs=\"('mlp_s', 'mlp_l')\".")
+  aux = getattr(ctx.data, "aux", None) or {}
+  if "server_x" not in aux:
+    raise ConfigError("codist distills on an unlabeled server set the clients do not hold; set "
+                      "--config.data.server_size (e.g. 250) so the data pipeline holds one out.")
+  return codist(*ctx.archs, ctx.spec, server_x=aux["server_x"],
+                client_keep=aux.get("client_keep"), k_small=ctx.clients_per_round,
+                pool_seed=ctx.seed, server_opt=ctx.server_opt(), **ctx.client, **knobs)

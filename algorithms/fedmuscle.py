@@ -7,8 +7,9 @@ The loss lives in :func:`fedjax_sim.algorithms.losses.muscle_loss`.
 
 Users have different models (model pools: one MODEL_ZOO architecture per pool,
 each followed by a linear projection to a common dimension d) AND different
-tasks (a per-user label map and head; :data:`TASKS`). No parameters are
-shared. Per round, as in the paper:
+tasks (a per-user label map and head; the data, users' tasks and the public
+set come from ``data/``: dataset ``digits_multitask``,
+:mod:`fedjax_sim.data.multitask`). No parameters are shared. Per round, as in the paper:
 
 1. every user fine-tunes its whole model for E local epochs on its own task;
 2. it uploads its representation matrix Z^n = normalize(proj(enc(x_pub))),
@@ -41,14 +42,21 @@ default; the efficient form avoids materializing the B^M combinations (see
 ``muscle_loss``). [ours] d = 32, B = 32 public examples per round,
 alignment = T plain-SGD steps (fresh optimizer each round); the same
 temperature tau^(N) for the pairwise and Gramian baselines; tasks by a label
-map of the digit label (:data:`TASKS`), a shared 10-wide head whose
-non-existent classes are masked with a -1e9 logit bias.
+map of the digit label (``fedjax_sim.data.multitask.TASKS``), a shared
+10-wide head whose non-existent classes are masked with a -1e9 logit bias.
 
 One compiled program for every method: the method is an int32 in the server
 state (``METHODS``; ``local`` skips alignment, so it is local training on the
 very same data, initialization and schedule) and the run's randomness key is
 in the server state too, so methods and seeds share one executable (set them
 with :func:`set_method`; the engine's own seed is not used by this algorithm).
+
+Delta(%) in a single run [ours] (``docs/decisions.md#fedmuscle``): with
+``local_baseline=True`` (what ``fedjax-sim run`` builds) every user also
+trains a shadow copy of its model by local training alone: same
+initialization, data, batch order and schedule as the ``local`` method, no
+alignment. The algorithm's ``evaluate`` hook then reports ``delta_pct``, the
+paper's metric against that baseline, in every evaluation row.
 
 Axis legend: C users (clients), K cohort, N examples, B public batch, D / d
 embedding (d: the common representation dimension), M other users per anchor.
@@ -63,108 +71,25 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_sim import models, seeding
+from fedjax_sim import evaluation, models
+from fedjax_sim.checks import concrete
+from fedjax_sim.errors import ConfigError
+from fedjax_sim.metrics import l2_normalize
 from fedjax_sim.protocol import (FederatedAlgorithm, Pool, client_optimizer, local_train,
                                  masked_cross_entropy)
 from fedjax_sim.algorithms import losses
 from fedjax_sim.algorithms.pooled import assign_round_robin
-from fedjax_sim.client_data import ClientData, pack, to_device
+from fedjax_sim.algorithms.registry import register
 
 METHODS = ("local", "muscle", "pairwise", "gram")
 
-# Tasks on digit labels 0..9: name -> (label map [10], number of classes).
-TASKS: dict[str, tuple[tuple[int, ...], int]] = {
-    "digit10": (tuple(range(10)), 10),  # 10-way digit classification
-    "parity": (tuple(y % 2 for y in range(10)), 2),  # odd vs even
-    "gt4": (tuple(int(y > 4) for y in range(10)), 2),  # 5..9 vs 0..4
-    "mod3": (tuple(y % 3 for y in range(10)), 3),  # 3-way grouping {0,3,6,9} {1,4,7} {2,5,8}
-}
-TASK_NAMES = tuple(TASKS)
-MAX_CLASSES = 10
 _NEG = -1e9
 
 
-def task_tables() -> tuple[np.ndarray, np.ndarray]:
-  """(label_map int32 [T, 10], logit_bias float32 [T, 10]) in :data:`TASK_NAMES` order."""
-  label_map = np.array([TASKS[t][0] for t in TASK_NAMES], np.int32)
-  bias = np.array([[0.0 if c < TASKS[t][1] else _NEG for c in range(MAX_CLASSES)]
-                   for t in TASK_NAMES], np.float32)
-  return label_map, bias
-
-
-# ---------------------------------------------------------------------------
-# Data: users' multi-task splits and the public split.
-# ---------------------------------------------------------------------------
-
-class MultiTaskDigits(NamedTuple):
-  """Users' data for the multi-task digits setup (device-resident arrays).
-
-  Attributes:
-    train: ClientData [C, N]: user u's training examples, labels already mapped
-      to its task (``TASKS[task_names[tasks[u]]]``).
-    test: ClientData [C, N_t]: the global digits test set (450 examples), once
-      per user, labels mapped to that user's task.
-    public_x: float32 [N_pub, 8, 8, 1]: the public split (used unlabeled).
-    public_idx: int64 [N_pub] (host): indices of the public examples in
-      ``data.sources.load_digits()``'s train split.
-    tasks: int32 [C] (host): task id per user (index into :data:`TASK_NAMES`).
-    input_shape: (8, 8, 1).
-  """
-  train: ClientData
-  test: ClientData
-  public_x: jax.Array
-  public_idx: np.ndarray
-  tasks: np.ndarray
-  input_shape: tuple
-
-
-def build_multitask_digits(num_users: int = 12, examples_per_user: int = 40,
-                           public_per_class: int = 30, *, partition: str = "iid",
-                           alpha: float = 0.5, seed: int = 0, batch_size: int = 10,
-                           public_seed: int = 0,
-                           task_names: Sequence[str] = TASK_NAMES) -> MultiTaskDigits:
-  """The public split, users' partitions and task labels (scikit-learn digits).
-
-  Public split (no user owns it): from ``load_digits()``'s train split (1,347
-  examples; the 450-example test split is untouched), for each class c the
-  first ``public_per_class`` indices of class c after
-  a permutation from the ``server_data`` NumPy stream of ``public_seed``
-  (:mod:`fedjax_sim.seeding`); 300 examples by default. It does not depend on
-  ``seed``. The rest is partitioned over users with
-  ``data.partitioners.partition(method=partition)`` on ``seed``'s
-  ``partition`` stream, and each user keeps ``examples_per_user`` examples of
-  its part (the first after a shuffle from ``seed``'s ``split`` stream). User
-  u has task ``u mod len(task_names)``.
-
-  Args:
-    num_users: C.
-    examples_per_user: training examples per user (fewer if its part is smaller).
-    public_per_class: public examples per digit class.
-    partition: ``iid`` or ``dirichlet`` (``alpha``) over the digit labels.
-    seed: partition seed.
-    batch_size: users' N is padded to a multiple of it.
-    public_seed: seed of the public split.
-    task_names: the task cycle over users.
-  """
-  from fedjax_sim.data import partitioners, sources
-  ds = sources.load_digits()
-  prng = seeding.numpy_rng(public_seed, "server_data")
-  public_idx = np.sort(np.concatenate([
-      prng.permutation(np.flatnonzero(ds.train_y == c))[:public_per_class] for c in range(10)]))
-  rest = np.setdiff1d(np.arange(len(ds.train_y)), public_idx)
-  parts = partitioners.partition(ds.train_y[rest], num_users, partition,
-                                 seeding.numpy_seed(seed, "partition"), alpha=alpha)
-  urng = seeding.numpy_rng(seed, "split")
-  parts = [rest[urng.permutation(p)[:examples_per_user]] for p in parts]
-  label_map, _ = task_tables()
-  tasks = np.array([TASK_NAMES.index(task_names[u % len(task_names)])
-                    for u in range(num_users)], np.int32)
-  train = pack([ds.train_x[p] for p in parts],
-               [label_map[tasks[u]][ds.train_y[p]] for u, p in enumerate(parts)], batch_size)
-  test = pack([ds.test_x] * num_users, [label_map[t][ds.test_y] for t in tasks])
-  return MultiTaskDigits(to_device(train), to_device(test),
-                         jax.device_put(ds.train_x[public_idx]), public_idx, tasks,
-                         tuple(ds.input_shape))
+def task_bias(task_classes: Sequence[int], width: int) -> np.ndarray:
+  """float32 [T, width]: 0 on task t's classes 0..task_classes[t]-1, -1e9 on the rest."""
+  return np.array([[0.0 if c < n else _NEG for c in range(width)] for n in task_classes],
+                  np.float32)
 
 
 # ---------------------------------------------------------------------------
@@ -175,11 +100,12 @@ class UserModel(NamedTuple):
   """Functions of one architecture's user model. Params: {"encoder", "proj", "head"}."""
   init: callable  # rng -> params
   represent: callable  # (params, x [B, ...]) -> float32 [B, d] (unnormalized)
-  logits: callable  # (params, x [B, ...]) -> float32 [B, 10]
+  logits: callable  # (params, x [B, ...]) -> float32 [B, L]
 
 
-def user_model(arch: str, input_shape: tuple, proj_dim: int) -> UserModel:
-  """MODEL_ZOO ``arch``'s embedding path, a Dense(d) projection and a Dense(10) head.
+def user_model(arch: str, input_shape: tuple, proj_dim: int,
+               num_classes: int = 10) -> UserModel:
+  """MODEL_ZOO ``arch``'s embedding path, a Dense(d) projection and a Dense(L) head.
 
   The head reads the d-dimensional representation, so aligning the
   representation model (encoder + projection) shapes the head's input.
@@ -189,7 +115,7 @@ def user_model(arch: str, input_shape: tuple, proj_dim: int) -> UserModel:
   emb_dim = jax.eval_shape(lambda p: enc.apply({"params": p}, x0, return_embedding=True)[1],
                            jax.eval_shape(lambda: models.init_params(enc, jax.random.PRNGKey(0),
                                                                      input_shape))).shape[-1]
-  proj, head = nn.Dense(proj_dim), nn.Dense(MAX_CLASSES)
+  proj, head = nn.Dense(proj_dim), nn.Dense(num_classes)
 
   def init(rng):
     k1, k2, k3 = jax.random.split(rng, 3)
@@ -232,9 +158,17 @@ class MuscleServerState(NamedTuple):
 
 
 class MuscleClientState(NamedTuple):
-  """One user's persistent state: params (its own model) and task id (int32 [])."""
+  """One user's persistent state.
+
+  Attributes:
+    params: its own model ``{"encoder", "proj", "head"}``.
+    task: int32 [], its task id.
+    local: the local-training baseline's params (same structure), or None
+      without ``local_baseline``.
+  """
   params: dict
   task: jax.Array
+  local: Optional[dict] = None
 
 
 def public_batch_indices(key: jax.Array, round_: jax.Array, num_public: int,
@@ -244,7 +178,10 @@ def public_batch_indices(key: jax.Array, round_: jax.Array, num_public: int,
 
 
 def alignment_losses(M: int, tau_n: float, tau_n1: float):
-  """Branches for ``lax.switch`` in :data:`METHODS` order: ``(z [B, d], others [M, B, d]) -> []``."""
+  """Branches for ``lax.switch`` in :data:`METHODS` order.
+
+  Each is ``(z [B, d], others [M, B, d]) -> []``.
+  """
   del M
   return (
       lambda z, o: jnp.float32(0.0),
@@ -255,18 +192,23 @@ def alignment_losses(M: int, tau_n: float, tau_n1: float):
 
 
 def fedmuscle(archs: Sequence[str], tasks: np.ndarray, public_x: jax.Array, *,
-              input_shape: tuple, method: str = "muscle", M: int = 3, tau_n: float = 0.2,
-              tau_n1: float = 0.15, public_batch: int = 32, proj_dim: int = 32,
-              align_steps: int = 5, align_lr: float = 0.05, client_lr: float = 0.05,
-              client_momentum: float = 0.9, batch_size: int = 10, epochs: int = 1,
-              client_ids: Optional[Sequence[np.ndarray]] = None) -> FederatedAlgorithm:
+              input_shape: tuple, task_classes: Sequence[int], method: str = "muscle",
+              M: int = 3, tau_n: float = 0.2, tau_n1: float = 0.15, public_batch: int = 32,
+              proj_dim: int = 32, align_steps: int = 5, align_lr: float = 0.05,
+              client_lr: float, batch_size: int, epochs: int = 1, local_steps: int = 0,
+              client_momentum: float = 0.0, lr_decay: float = 1.0,
+              client_ids: Optional[Sequence[np.ndarray]] = None,
+              local_baseline: bool = False) -> FederatedAlgorithm:
   """FedMuscle (and its baselines, by ``method``) as a pooled FederatedAlgorithm.
 
   Args:
     archs: distinct MODEL_ZOO names, one pool each (users round-robin).
-    tasks: int [C] (host), task id per user (index into :data:`TASK_NAMES`).
+    tasks: int [C] (host), task id per user (index into ``task_classes``).
     public_x: float32 [N_pub, ...], the public split (unlabeled).
     input_shape: shape of one example.
+    task_classes: int [T], number of classes of each task; the head has
+      L = max(task_classes) outputs and task t's classes are 0..task_classes[t]-1
+      (the others get a -1e9 logit bias).
     method: one of :data:`METHODS` (the initial value of the state's
       ``method``; :func:`set_method` changes it without recompiling).
     M: other users per anchor (N = M + 1 models per tuple).
@@ -274,37 +216,50 @@ def fedmuscle(archs: Sequence[str], tasks: np.ndarray, public_x: jax.Array, *,
     public_batch: B, public examples per round.
     proj_dim: d.
     align_steps: T, alignment SGD steps per round; align_lr their step size.
-    client_lr, client_momentum, batch_size, epochs: local task fine-tuning
-      (E epochs of minibatch SGD, fresh optimizer each round).
+    client_lr, batch_size, epochs, local_steps, client_momentum, lr_decay:
+      local task fine-tuning (E epochs, or local_steps steps, of minibatch SGD
+      at client_lr * lr_decay**round, fresh optimizer each round).
     client_ids: optional explicit user-to-pool assignment.
+    local_baseline: also train every user's local-training baseline (a
+      shadow model, :class:`MuscleClientState` ``local``) and report
+      ``delta_pct`` from the ``evaluate`` hook.
 
   Returns:
     A FederatedAlgorithm with one :class:`~fedjax_sim.protocol.Pool` per
-    architecture (``clients_per_round`` = pool size: all users join).
+    architecture (``clients_per_round`` = pool size: all users join) and an
+    ``evaluate`` hook (:func:`make_user_evaluate`).
+
+  Raises:
+    ValueError: unknown method, M out of range, repeated architectures, or a
+      public batch larger than the public set.
   """
   tasks = np.asarray(tasks, np.int32)
   num_users = len(tasks)
   if method not in METHODS:
-    raise ValueError(f"method '{method}' unknown; use one of {METHODS}.")
+    raise ValueError(f"method '{method}' unknown; use one of {METHODS} "
+                     "(--config.fedmuscle.method).")
   if not 1 <= M <= num_users - 1:
-    raise ValueError(f"M={M} other users need 1 <= M <= C - 1 = {num_users - 1}.")
+    raise ValueError(f"M={M} other users need 1 <= M <= C - 1 = {num_users - 1}; set "
+                     "--config.fedmuscle.M.")
   if len(set(archs)) != len(archs):
     raise ValueError(f"architectures {list(archs)} repeat; list each MODEL_ZOO name once.")
   ids = list(client_ids) if client_ids is not None else assign_round_robin(num_users, len(archs))
   num_public = int(public_x.shape[0])
   if public_batch > num_public:
-    raise ValueError(f"public_batch={public_batch} > {num_public} public examples.")
+    raise ValueError(f"public_batch={public_batch} > {num_public} public examples; lower "
+                     "--config.fedmuscle.public_batch or raise --config.data.public_per_class.")
   public_x = jnp.asarray(public_x)
   task_of = jnp.asarray(tasks)
-  _, bias_np = task_tables()
-  task_bias = jnp.asarray(bias_np)
+  num_classes = int(max(task_classes))
+  bias_table = jnp.asarray(task_bias(task_classes, num_classes))
   branches = alignment_losses(M, tau_n, tau_n1)
+  decay = not (concrete(lr_decay) and lr_decay == 1.0)  # a literal 1: the undecayed optimizer
 
   def make_pool(arch, members):
-    um = user_model(arch, tuple(input_shape), proj_dim)
+    um = user_model(arch, tuple(input_shape), proj_dim, num_classes)
 
     def ce_loss(p, x, y, m, task):
-      return masked_cross_entropy(um.logits(p, x) + task_bias[task], y, m)
+      return masked_cross_entropy(um.logits(p, x) + bias_table[task], y, m)
 
     def align(server, params, key, me):
       """T steps of the alignment loss on the previous round's public batch."""
@@ -317,7 +272,7 @@ def fedmuscle(archs: Sequence[str], tasks: np.ndarray, public_x: jax.Array, *,
       ready = jnp.sum(fresh) >= M
 
       def loss_fn(p):
-        z = losses.l2_normalize(um.represent(p, x_prev))
+        z = l2_normalize(um.represent(p, x_prev))
         return jax.lax.switch(server.method, branches, z, others)
 
       opt = optax.sgd(align_lr)
@@ -348,21 +303,32 @@ def fedmuscle(archs: Sequence[str], tasks: np.ndarray, public_x: jax.Array, *,
           do_align, lambda p: align(server, p, k_sel, me),
           lambda p: (p, jnp.float32(0.0), jnp.float32(0.0)), params)
       # (1) local fine-tuning of the whole model on the user's own task.
-      opt = client_optimizer(client_lr, client_momentum)
-      res = local_train(lambda p, x, y, m, r: ce_loss(p, x, y, m, task), params, opt, data,
-                        k_ft, epochs=epochs, batch_size=batch_size)
+      opt = (client_optimizer(client_lr, client_momentum, lr_decay, server.round) if decay
+             else client_optimizer(client_lr, client_momentum))
+      fine_tune = lambda p: local_train(lambda p, x, y, m, r: ce_loss(p, x, y, m, task), p, opt,
+                                        data, k_ft, epochs=epochs, batch_size=batch_size,
+                                        local_steps=local_steps)
+      res = fine_tune(params)
       params = res.params
       # (2) upload this round's public-batch representation matrix.
       x_pub = public_x[public_batch_indices(server.key, server.round, num_public, public_batch)]
-      upload = losses.l2_normalize(um.represent(params, x_pub))
+      upload = l2_normalize(um.represent(params, x_pub))
       metrics = {**res.metrics, "align_loss": align_loss, "aligned": aligned}
-      return upload, MuscleClientState(params, task), metrics
+      local = None
+      if local_baseline:  # the local method's model: the same fine-tuning, never aligned
+        res_local = fine_tune(cstate.local)
+        local = res_local.params
+        metrics["local_loss"] = res_local.metrics["loss"]
+      return upload, MuscleClientState(params, task, local), metrics
+
+    def init_client(rng):
+      params = um.init(rng)
+      return MuscleClientState(params, jnp.int32(0), params if local_baseline else None)
 
     return Pool(
         name=arch, client_ids=np.asarray(members, np.int32), clients_per_round=len(members),
-        client_update=client_update,
-        init_client=lambda rng: MuscleClientState(um.init(rng), jnp.int32(0)),
-        eval_params=lambda s, c: {"model": c.params, "bias": task_bias[c.task]},
+        client_update=client_update, init_client=init_client,
+        eval_params=lambda s, c: {"model": c.params, "bias": bias_table[c.task]},
         apply_fn=lambda p, x: um.logits(p["model"], x) + p["bias"])
 
   pools = tuple(make_pool(a, m) for a, m in zip(archs, ids))
@@ -384,10 +350,11 @@ def fedmuscle(archs: Sequence[str], tasks: np.ndarray, public_x: jax.Array, *,
     new = state._replace(reps=reps, rep_round=rep_round, round=state.round + 1)
     return new, {"fresh_users": jnp.sum(rep_round == state.round).astype(jnp.float32)}
 
-  return FederatedAlgorithm(
+  alg = FederatedAlgorithm(
       name="fedmuscle", init=init, init_client=None, client_update=None,
       server_update=server_update, eval_params=None, apply_fn=None, personalized=True,
       pools=pools)
+  return alg._replace(evaluate=make_user_evaluate(alg, tasks, local_baseline))
 
 
 def set_method(state, method: str):
@@ -420,3 +387,71 @@ def delta_percent(acc: np.ndarray, acc_local: np.ndarray) -> float:
   """
   acc, acc_local = np.asarray(acc, np.float64), np.asarray(acc_local, np.float64)
   return float(np.mean((acc - acc_local) / acc_local) * 100.0)
+
+
+def user_accuracy(raw: dict, pools: Sequence[Pool]) -> np.ndarray:
+  """float [C] per-user accuracy in global user order from ``make_evaluate`` outputs."""
+  acc = np.zeros(sum(len(p.client_ids) for p in pools))
+  for p in pools:
+    c = np.asarray(raw[f"{p.name}/client_correct"])
+    n = np.asarray(raw[f"{p.name}/client_count"])
+    acc[np.asarray(p.client_ids)] = c / np.maximum(n, 1)
+  return acc
+
+
+def make_user_evaluate(algorithm: FederatedAlgorithm, tasks: np.ndarray, local_baseline: bool):
+  """FedMuscle's ``evaluate`` hook: ``(server_state, client_states, data) -> dict[str, float]``.
+
+  The engine's classification metrics (:func:`fedjax_sim.evaluation.summarize`)
+  of every user on its own test split, under its own task (task ids from
+  ``tasks`` int [C], so an evaluation before round 1 is right too). With
+  ``local_baseline``: also ``local_test_accuracy`` / ``local_client_acc_mean``
+  of the shadow local-training models, and ``delta_pct``, the paper's
+  Delta(%) = mean over users of (acc_u - acc_local_u) / acc_local_u * 100
+  (:func:`delta_percent`; users whose baseline accuracy is 0 are left out,
+  their ratio being undefined).
+  """
+  tasks = np.asarray(tasks, np.int32)
+  ids = [np.asarray(p.client_ids) for p in algorithm.pools]
+  main = evaluation.make_evaluate(algorithm)
+  shadow = algorithm._replace(pools=tuple(
+      p._replace(eval_params=lambda s, c, f=p.eval_params: f(s, c._replace(params=c.local)))
+      for p in algorithm.pools))
+  local = evaluation.make_evaluate(shadow) if local_baseline else None
+
+  def evaluate(server_state, client_states, data) -> dict:
+    clients = tuple(c._replace(task=tasks[i]) for c, i in zip(client_states, ids))
+    num_test = int(data.test_y.shape[0])
+    raw = main(server_state, clients, data.test, data.test_x, data.test_y)
+    out = evaluation.summarize(raw, num_test)
+    if local is not None:
+      raw_local = local(server_state, clients, data.test, data.test_x, data.test_y)
+      base = evaluation.summarize(raw_local, num_test)
+      out["local_test_accuracy"] = base["test_accuracy"]
+      out["local_client_acc_mean"] = base["client_acc_mean"]
+      acc, acc_local = user_accuracy(raw, algorithm.pools), user_accuracy(raw_local,
+                                                                           algorithm.pools)
+      ok = acc_local > 0
+      out["delta_pct"] = delta_percent(acc[ok], acc_local[ok]) if ok.any() else float("nan")
+    return out
+
+  return evaluate
+
+
+@register("fedmuscle", fedmuscle, pooled=True, fixed=("client_ids", "local_baseline"))
+def _build(ctx, **knobs):
+  """FedMuscle from a run config: pools ``--config.archs``; knobs ``--config.fedmuscle.<knob>``;
+  users' tasks and the public set from the data (dataset ``digits_multitask``:
+  ``ctx.data.aux``); the local-training baseline trained alongside, so every
+  evaluation row has ``delta_pct``.
+
+  Raises:
+    ConfigError: the data have no public set or no per-user tasks.
+  """
+  aux = getattr(ctx.data, "aux", None) or {}
+  missing = [k for k in ("public_x", "tasks", "task_classes") if k not in aux]
+  if missing:
+    raise ConfigError(f"fedmuscle needs multi-task users and a public set (data aux "
+                      f"{', '.join(missing)}); set --config.data.dataset=digits_multitask.")
+  return fedmuscle(ctx.archs, aux["tasks"], aux["public_x"], input_shape=ctx.spec.input_shape,
+                   task_classes=aux["task_classes"], local_baseline=True, **ctx.client, **knobs)

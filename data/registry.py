@@ -54,15 +54,28 @@ DATASET_CONTEXT = ("seed", "batch_size", "partitioner")  # supplied by the pipel
 _REQUIRED = inspect.Parameter.empty
 
 
+def _same_definition(a: Callable, b: Callable) -> bool:
+  """The same function defined again: its source file ran again (the CLI loads a config file
+  twice, under two module names), so the same file, line and qualified name."""
+  def where(f):
+    code = getattr(f, "__code__", None)
+    return (getattr(f, "__qualname__", None), getattr(code, "co_filename", None),
+            getattr(code, "co_firstlineno", None))
+  return where(a) == where(b) and where(a)[1] is not None
+
+
 def register_dataset(name: str):
   """Decorator: registers ``fn(**knobs) -> Dataset | FederatedData`` as dataset ``name``.
 
+  Running the registering source again (the same file, line and function name)
+  replaces the entry.
+
   Raises:
-    ValueError: ``name`` is already registered.
+    ValueError: ``name`` is already registered by another function.
   """
   def wrap(fn):
     key = name.lower()
-    if key in DATASETS:
+    if key in DATASETS and not _same_definition(DATASETS[key], fn):
       raise ValueError(f"dataset '{name}' is registered twice.")
     DATASETS[key] = fn
     return fn
@@ -72,15 +85,23 @@ def register_dataset(name: str):
 def register_partitioner(name: str, *, aliases: Iterable[str] = ()):
   """Decorator: registers ``fn(labels, num_clients, seed, **knobs) -> parts`` as ``name``.
 
+  Running the registering source again (the same file, line and function name)
+  replaces the entry.
+
   Args:
     name: the ``cfg.data.partition`` value.
     aliases: other names accepted for it (e.g. FedRE's ``pra`` for dirichlet).
 
   Raises:
-    ValueError: ``name`` or an alias is already registered.
+    ValueError: ``name`` or an alias is already registered by another function.
   """
   def wrap(fn):
     keys = [name.lower(), *(a.lower() for a in aliases)]
+    old = PARTITIONERS.get(keys[0])
+    if old is not None and _same_definition(old, fn):  # its module ran again: replace
+      for a in [a for a, n in _PARTITION_ALIASES.items() if n == keys[0]]:
+        del _PARTITION_ALIASES[a]
+      del PARTITIONERS[keys[0]]
     taken = [k for k in keys if k in PARTITIONERS or k in _PARTITION_ALIASES]
     if taken:
       raise ValueError(f"partitioner '{taken[0]}' is registered twice.")

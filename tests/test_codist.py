@@ -1,14 +1,18 @@
 """CODIST (algorithms/codist.py): loss vs NumPy, alpha = 0 == FedAdam per pool,
-PERIODIC's schedule, teachers frozen, and the server set disjoint from clients."""
+PERIODIC's schedule, teachers frozen, the server set disjoint from clients (data/server_sets.py),
+and the registry builder on the data pipeline's server set."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from fedjax_sim.algorithms.codist import (build_codist_data, codist, codistill, distill_loss,
-                                          make_knobs, server_holdout_mask)
+from fedjax_sim import seeding
+from fedjax_sim.algorithms import registry
+from fedjax_sim.algorithms.codist import codist, codistill, distill_loss, make_knobs
 from fedjax_sim.algorithms.pooled import DataSpec, fedavg_per_pool, pool_cohort_sizes
+from fedjax_sim.data import build_codist_data, build_federated_data
+from fedjax_sim.errors import ConfigError
 from fedjax_sim.round import SimState, init_state, make_mesh, make_round
 
 KW = dict(client_lr=0.1, batch_size=10, epochs=1)
@@ -169,13 +173,30 @@ def test_server_sets_are_disjoint_from_client_data_and_domains_hold():
   assert set(y[:4][m[:4]]) <= {0, 1, 2, 3} and set(y[4:][m[4:]]) <= {4, 5, 6, 7}
 
 
-def test_cli_holdout_mask_matches_the_engine_pipeline(small_config):
-  from fedjax_sim.data import build_federated_data
-  data = build_federated_data(small_config.data, batch_size=10, seed=0)
-  keep, server_x = server_holdout_mask(small_config.data, 10, seed=0, server_size=50)
-  x, m = np.asarray(data.train.x), np.asarray(data.train.mask)
-  assert keep.shape == m.shape and not np.any(keep & ~m)
-  assert np.all(keep.sum(1) >= 1)
-  held = x[m & ~keep]
-  assert len(held) == 50 == len(server_x)
-  assert _rows(held) == _rows(server_x)  # exactly the masked rows, as the pipeline packed them
+def test_registry_builder_uses_the_pipeline_server_set():
+  """--config.algorithm=codist: pools from --config.archs, the server set and keep mask from
+  the data's aux (--config.data.server_size), high-capacity clients from the run seed."""
+  from fedjax_sim.launch.configs.codist_digits import get_config
+  cfg = get_config("smoke")
+  cfg.data.num_clients, cfg.data.server_size, cfg.seed = 20, 50, 3
+  data = build_federated_data(cfg.data, batch_size=cfg.batch_size, seed=cfg.seed)
+  spec = DataSpec(data.input_shape, data.num_classes, data.num_clients)
+  ctx = registry.BuildContext.from_config(cfg, spec, data=data)
+  alg = registry.build("codist", ctx, {**cfg.codist, "large_fraction": 0.25, "k_large": 9})
+  small, large = alg.pools
+  assert (small.name, large.name) == ("mlp_s", "mlp_l")
+  want = np.sort(seeding.numpy_rng(3, "pools").permutation(20)[:5])
+  np.testing.assert_array_equal(large.client_ids, want)
+  assert (small.clients_per_round, large.clients_per_round) == (10, 5)  # K_large <= C_large
+  state = alg.init(jax.random.PRNGKey(0))
+  np.testing.assert_array_equal(state.server_x, data.aux["server_x"])
+  assert float(state.knobs.alpha) == pytest.approx(0.3)  # the config's, over the default 0.5
+  cfg.archs = ("mlp_s", "mlp_m", "mlp_l")
+  with pytest.raises(ConfigError, match="two models"):
+    registry.build("codist", registry.BuildContext.from_config(cfg, spec, data=data), {})
+  cfg.archs = ("mlp_s", "mlp_l")
+  plain = build_federated_data(dict(cfg.data, server_size=0), batch_size=10, seed=0)
+  with pytest.raises(ConfigError, match="--config.data.server_size"):
+    registry.build("codist", registry.BuildContext.from_config(cfg, spec, data=plain), {})
+  with pytest.raises(ValueError, match="large_fraction=0.0 must be in"):
+    registry.build("codist", ctx, {"large_fraction": 0.0})

@@ -107,7 +107,11 @@ def test_registered_partitioner_runs_through_the_pipeline(scratch_registries):
   mixed = build_federated_data({**cfg, "block_shuffle": True}, batch_size=10, seed=0)
   assert min(len(np.unique(np.asarray(mixed.train.y)[k])) for k in range(10)) > 3
   with pytest.raises(ValueError, match="registered twice"):
-    register_partitioner("label_blocks")(label_blocks)
+    register_partitioner("label_blocks")(partitioners.iid)  # another function, same name
+  with pytest.raises(ValueError, match="registered twice"):
+    register_partitioner("mine", aliases=("pra",))(label_blocks)  # an alias taken
+  register_partitioner("label_blocks", aliases=("blocks",))(label_blocks)  # its module re-ran
+  assert PARTITIONERS["label_blocks"] is label_blocks
 
 
 def test_registered_dataset_runs_through_the_pipeline(scratch_registries):
@@ -132,7 +136,7 @@ def test_registered_dataset_runs_through_the_pipeline(scratch_registries):
   with pytest.raises(DatasetError, match=r"needs --config.data.width"):
     build_federated_data({"dataset": "needs_knob"})
   with pytest.raises(ValueError, match="registered twice"):
-    register_dataset("blobs")(blobs)
+    register_dataset("blobs")(needs_knob)
   assert isinstance(build_federated_data({"dataset": "synthetic", "num_clients": 3}),
                     FederatedData)
 

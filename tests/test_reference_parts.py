@@ -137,16 +137,19 @@ def muscle():
   """
   from fedjax_sim.algorithms import fedmuscle as fm
   from fedjax_sim.round import init_state, make_mesh, make_round
-  d = fm.build_multitask_digits(num_users=MUSCLE_USERS, examples_per_user=10, public_per_class=2,
-                                seed=0)
-  assert d.public_x.shape[0] == MUSCLE_PUBLIC
-  alg = fm.fedmuscle(("mlp_s", "mlp_m"), d.tasks, d.public_x, input_shape=d.input_shape,
+  from fedjax_sim.data import build_multitask_digits
+  d = build_multitask_digits(num_clients=MUSCLE_USERS, examples_per_user=10, public_per_class=2,
+                             seed=0)
+  assert d.aux["public_x"].shape[0] == MUSCLE_PUBLIC
+  alg = fm.fedmuscle(("mlp_s", "mlp_m"), d.aux["tasks"], d.aux["public_x"],
+                     input_shape=d.input_shape, task_classes=d.aux["task_classes"],
                      M=MUSCLE_USERS - 1, tau_n=TAU_N, tau_n1=TAU_N1, public_batch=MUSCLE_B,
                      proj_dim=4, align_steps=MUSCLE_T, align_lr=MUSCLE_LR, client_lr=0.0,
-                     batch_size=10)
+                     client_momentum=0.9, batch_size=10)
   mesh = make_mesh(1)
   round_fn = make_round(alg, seed=0, mesh=mesh, donate=False)
-  s0 = fm.with_tasks(init_state(alg, None, MUSCLE_USERS, seed=0, mesh=mesh), alg, d.tasks)
+  s0 = fm.with_tasks(init_state(alg, None, MUSCLE_USERS, seed=0, mesh=mesh), alg,
+                     d.aux["tasks"])
   s1, m1 = round_fn(s0, d.train)
   s2, m2 = {}, {}
   for method in ("muscle", "pairwise", "gram"):
@@ -201,7 +204,7 @@ def _restated_alignment(um, params, x_pub, others, method):
 def _public_batch(muscle, server, round_):
   fm = muscle["fm"]
   idx = fm.public_batch_indices(server.key, jnp.int32(round_), MUSCLE_PUBLIC, MUSCLE_B)
-  return np.asarray(muscle["data"].public_x)[np.asarray(idx)]
+  return np.asarray(muscle["data"].aux["public_x"])[np.asarray(idx)]
 
 
 def _close(a, b, rtol=1e-4, atol=1e-5):

@@ -89,11 +89,17 @@ def experiment_config(name: str) -> ml_collections.ConfigDict:
     # initial model grows to 1e-4 after one round and 8e-2 after two (FedAlignUniform), so
     # float32 rounding alone (8 devices vs 1) would diverge. At 0.02 it stays below 1e-6.
     c.client_lr = 0.02
-  if name == "codist":
+  if name == "codist":  # pools c.archs = (small, large); the data hold out the server set
     c.codist = ml_collections.ConfigDict(dict(
-        mode="merged", small_arch="mlp_s", large_arch="mlp_m", large_fraction=0.5, k_large=3,
-        alpha=0.3, period=2, distill_steps=2, distill_lr=1e-3, temperature=2.0,
-        distill_batch=16, server_size=40, server_seed=0))
+        mode="merged", large_fraction=0.5, k_large=3, alpha=0.3, period=2, distill_steps=2,
+        distill_lr=1e-3, temperature=2.0, distill_batch=16))
+    c.data.server_size, c.data.server_seed = 40, 0
+  if name == "fedmuscle":  # multi-task users and a public set (all users join every round)
+    c.archs = ("mlp_s", "mlp_m", "mlp_l", "cnn_s", "cnn_m")  # pools of 3, 3, 2, 2, 2: padding
+    c.data.dataset = "digits_multitask"
+    c.data.examples_per_user, c.data.public_per_class = 10, 2
+    c.fedmuscle = ml_collections.ConfigDict(dict(M=2, public_batch=4, proj_dim=4,
+                                                 align_steps=1))
   return c
 
 

@@ -14,13 +14,17 @@ steps in total).
   fedjax-sim run --config=launch/configs/codist_digits.py:fedavg --config.codist.large_fraction=0.5
 
 Variants (``:arg``): ``merged`` (default), ``periodic``, ``fedavg`` (no
-distillation), ``smoke`` (5 rounds), ``domain_shift`` (the report's setting:
-knobs only; domain-split data need the driver). Through the CLI the server
-set is carved out of the engine pipeline's client arrays
-(``codist.server_holdout_mask``); the report's runs use the driver
-``launch/experiments/codist_digits.py``, which builds the clients' data and the
-held-out server sets itself (``codist.build_codist_data``) and evaluates both
-global models on the global test set.
+distillation), ``smoke`` (5 rounds), ``domain_shift`` (the report's setting;
+the class-split data are built by the driver only). ``c.codist`` holds the
+knobs that differ from ``codist(...)``'s defaults (the signature states each
+default once; ``fedjax_sim.launch.experiment.complete_config`` fills in the
+rest). The pools are ``c.archs`` = (small, large). Through the CLI the server
+set is held out of the clients' training rows by the data pipeline
+(``c.data.server_size``, ``fedjax_sim.data.server_sets.server_holdout``); the
+report's runs use the driver ``launch/experiments/codist_digits.py``, which
+builds the clients' data and the held-out server sets itself
+(``fedjax_sim.data.build_codist_data``) and evaluates both global models on the
+global test set.
 """
 import ml_collections
 
@@ -31,9 +35,12 @@ def get_config(arg: str = ""):
   c = get_base_config()
   c.algorithm = "codist"
   c.rounds = 100
+  c.archs = ("mlp_s", "mlp_l")  # the small model (all clients), the large one (high-capacity)
   c.data.num_clients = 50
   c.data.partition = "dirichlet"
   c.data.alpha = 0.5
+  c.data.server_size = 250  # N_s unlabeled server examples, held out of the clients' data
+  c.data.server_seed = 0
   c.clients_per_round = 10  # K of the small pool (all clients)
   c.local_epochs = 2
   c.batch_size = 10
@@ -44,27 +51,17 @@ def get_config(arg: str = ""):
   c.eval_every = 10
   c.chunk_size = 0
   c.codist = ml_collections.ConfigDict({
-      "mode": "merged",  # fedavg | periodic | merged
-      "small_arch": "mlp_s", "large_arch": "mlp_l",
-      "large_fraction": 0.3,  # high-capacity clients
-      "k_large": 5,  # K of the large pool
       "alpha": 0.3,  # MERGED weight of Delta_distill
-      "period": 10,  # p (PERIODIC)
-      "distill_steps": 5,  # s per distillation (PERIODIC default below: 50)
       "distill_lr": 1e-4,  # Adam
-      "temperature": 2.0,  # T
-      "distill_batch": 64,  # B_d
-      "server_size": 250,  # N_s unlabeled server examples
-      "server_seed": 0,
   })
   mode = arg.split(",")[0] if arg else "merged"
   if mode in ("merged", "periodic", "fedavg"):
     c.codist.mode = mode
     if mode == "periodic":
-      c.codist.distill_steps = 50
-  elif mode == "domain_shift":  # knobs of the report's domain-shift runs (driver only)
-    c.codist.domain_classes = ((0, 1, 2, 3), (4, 5, 6, 7))
-    c.codist.ood_classes = (8, 9)
+      c.codist.distill_steps = 50  # s per distillation every p = 10 rounds
+  elif mode == "domain_shift":  # the report's domain-shift data (driver only)
+    c.data.domain_classes = ((0, 1, 2, 3), (4, 5, 6, 7))  # classes of the large / small pool
+    c.data.ood_classes = (8, 9)  # held by no client: the out-of-domain server set
   elif mode != "smoke":
     raise ValueError(f"unknown variant ':{arg}'; use merged, periodic, fedavg, domain_shift "
                      "or smoke.")

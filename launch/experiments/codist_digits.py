@@ -39,9 +39,11 @@ import numpy as np
 from fedjax_sim.metrics import sample_std
 from fedjax_sim.client_data import pad_examples
 from fedjax_sim.algorithms import server_optimizer
-from fedjax_sim.algorithms.codist import build_codist_data, codist, make_knobs, make_predict
+from fedjax_sim.algorithms.codist import codist, make_knobs, make_predict
 from fedjax_sim.algorithms.pooled import DataSpec
+from fedjax_sim.data import build_codist_data
 from fedjax_sim.launch.configs.codist_digits import get_config
+from fedjax_sim.launch.experiment import complete_config
 from fedjax_sim.round import init_state, make_mesh, make_round, replicate
 
 CAPACITY_METHODS = {  # name -> (mode, knob overrides)
@@ -65,20 +67,21 @@ DOMAIN_METHODS = {  # name -> (mode, knob overrides, server set)
 
 def run_setting(setting: str, seeds, rounds: int, methods: dict) -> dict:
   cfg = get_config("domain_shift" if setting == "domain" else "merged")
+  complete_config(cfg)  # cfg.codist: every knob (codist(...)'s defaults where the file sets none)
   c = cfg.codist
   domain = setting == "domain"
   datas = {s: build_codist_data(
       num_clients=cfg.data.num_clients, large_fraction=c.large_fraction,
-      server_size=c.server_size, partition=cfg.data.partition, alpha=cfg.data.alpha,
-      domain_classes=c.domain_classes if domain else None,
-      ood_classes=c.ood_classes if domain else None, batch_size=cfg.batch_size, seed=s,
-      server_seed=c.server_seed) for s in seeds}
+      server_size=cfg.data.server_size, partition=cfg.data.partition, alpha=cfg.data.alpha,
+      domain_classes=cfg.data.domain_classes if domain else None,
+      ood_classes=cfg.data.ood_classes if domain else None, batch_size=cfg.batch_size, seed=s,
+      server_seed=cfg.data.server_seed) for s in seeds}
   d0 = datas[seeds[0]]
   spec = DataSpec(d0.fed.input_shape, d0.fed.num_classes, d0.fed.num_clients)
   mesh = make_mesh(1)
   n_max = max(d.fed.train.y.shape[1] for d in datas.values())
   trains = {s: replicate(pad_examples(d.fed.train, n_max), mesh) for s, d in datas.items()}
-  alg = codist(c.small_arch, c.large_arch, spec, large_ids=d0.large_ids,
+  alg = codist(*cfg.archs, spec, large_ids=d0.large_ids,
                small_ids=d0.small_ids, server_x=d0.server_sets["in"], mode="fedavg",
                distill_batch=c.distill_batch, k_small=cfg.clients_per_round, k_large=c.k_large,
                server_opt=server_optimizer("adam", cfg.server_lr, cfg.server_b1, cfg.server_b2,
@@ -92,8 +95,8 @@ def run_setting(setting: str, seeds, rounds: int, methods: dict) -> dict:
   test_x, test_y = d0.fed.test_x, np.asarray(d0.fed.test_y)
   subsets = {"all": np.ones_like(test_y, bool)}
   if domain:
-    subsets = {"A(0-3)": np.isin(test_y, c.domain_classes[0]),
-               "B(4-7)": np.isin(test_y, c.domain_classes[1])}
+    subsets = {"A(0-3)": np.isin(test_y, cfg.data.domain_classes[0]),
+               "B(4-7)": np.isin(test_y, cfg.data.domain_classes[1])}
   out = {"setting": setting, "rounds": rounds, "seeds": list(seeds), "runs": {},
          "server_idx": {k: v.tolist() for k, v in d0.server_idx.items()},
          "large_ids": d0.large_ids.tolist(), "small_ids": d0.small_ids.tolist()}

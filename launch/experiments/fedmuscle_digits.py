@@ -8,8 +8,8 @@ Reproduces ``docs/results/fedmuscle_digits.md`` (FedMuscle: arXiv 2602.01626;
 Setup (``launch/configs/fedmuscle_digits.py``): 12 users, architecture
 ``archs[u % 3]`` (MODEL_ZOO mlp_s, mlp_m, cnn_s + a Dense(32) projection),
 task ``tasks[u % 4]`` (digit10, parity, gt4, mod3), 40 labeled digits each
-(IID), a 300-digit public split no user owns (see
-``fedmuscle.build_multitask_digits``), every user evaluated on the 450-digit
+(IID), a 300-digit public split no user owns (dataset ``digits_multitask``,
+``fedjax_sim.data.build_multitask_digits``), every user evaluated on the 450-digit
 global test set under its own task. All methods and seeds run one compiled
 round program (the method lives in the server state, the seed is the round
 function's traced argument, ``make_round(seed=None)``); the run seed drives
@@ -32,9 +32,11 @@ import jax
 import numpy as np
 
 from fedjax_sim.algorithms import fedmuscle as fm
+from fedjax_sim.data import TASK_NAMES, build_federated_data
 from fedjax_sim.evaluation import make_evaluate
 from fedjax_sim.metrics import sample_std
 from fedjax_sim.launch.configs.fedmuscle_digits import get_config
+from fedjax_sim.launch.experiment import complete_config
 from fedjax_sim.round import init_state, make_mesh, make_round
 
 
@@ -52,30 +54,29 @@ def user_accuracy(raw, algorithm) -> np.ndarray:
 def run(cfg, log=print) -> dict:
   """Every (seed, method) run of ``cfg``; returns the results dict."""
   mesh = make_mesh(1)
-  datas = {s: fm.build_multitask_digits(
-      cfg.num_users, cfg.examples_per_user, cfg.public_per_class, partition=cfg.partition,
-      alpha=cfg.alpha, seed=s, batch_size=cfg.batch_size, task_names=cfg.tasks)
-      for s in cfg.seeds}
+  complete_config(cfg)  # cfg.fedmuscle: every knob (fedmuscle(...)'s defaults where unset)
+  datas = {s: build_federated_data(cfg.data, batch_size=cfg.batch_size, seed=s)
+           for s in cfg.seeds}
   d0 = datas[cfg.seeds[0]]
+  tasks = d0.aux["tasks"]
   shapes = {tuple(d.train.y.shape) for d in datas.values()}
   if len(shapes) != 1:
     raise ValueError(f"seeds give different padded shapes {shapes}; they cannot share a program.")
-  alg = fm.fedmuscle(cfg.archs, d0.tasks, d0.public_x, input_shape=d0.input_shape,
-                     M=cfg.M, tau_n=cfg.tau_n, tau_n1=cfg.tau_n1,
-                     public_batch=cfg.public_batch, proj_dim=cfg.proj_dim,
-                     align_steps=cfg.align_steps, align_lr=cfg.align_lr,
+  alg = fm.fedmuscle(cfg.archs, tasks, d0.aux["public_x"], input_shape=d0.input_shape,
+                     task_classes=d0.aux["task_classes"], **cfg.fedmuscle,
                      client_lr=cfg.client_lr, client_momentum=cfg.client_momentum,
                      batch_size=cfg.batch_size, epochs=cfg.local_epochs)
   round_fn = make_round(alg, seed=None, mesh=mesh, rounds_per_call=cfg.rounds_per_call)
   evaluate = make_evaluate(alg)
-  out = {"config": cfg.to_dict(), "public_idx": d0.public_idx.tolist(),
-         "tasks": [fm.TASK_NAMES[t] for t in d0.tasks],
-         "archs": [cfg.archs[u % len(cfg.archs)] for u in range(cfg.num_users)], "runs": {}}
+  num_users = cfg.data.num_clients
+  out = {"config": cfg.to_dict(), "public_idx": d0.aux["public_idx"].tolist(),
+         "tasks": [TASK_NAMES[t] for t in tasks],
+         "archs": [cfg.archs[u % len(cfg.archs)] for u in range(num_users)], "runs": {}}
   for seed in cfg.seeds:
     data = datas[seed]
     for method in cfg.methods:
-      state = init_state(alg, None, cfg.num_users, seed=seed, mesh=mesh)
-      state = fm.set_method(fm.with_tasks(state, alg, data.tasks), method)
+      state = init_state(alg, None, num_users, seed=seed, mesh=mesh)
+      state = fm.set_method(fm.with_tasks(state, alg, data.aux["tasks"]), method)
       curve, t0 = [], time.time()
       while int(state.round) < cfg.rounds:
         state, metrics = round_fn(state, data.train, seed)
