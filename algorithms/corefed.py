@@ -53,7 +53,9 @@ import optax
 
 from fedjax_sim.protocol import (FederatedAlgorithm, client_optimizer, local_train,
                                  masked_cross_entropy)
+from fedjax_sim.algorithms.registry import register
 from fedjax_sim.algorithms.losses import nt_xent_single
+from fedjax_sim.metrics import l2_normalize
 
 PyTree = Any
 
@@ -89,16 +91,10 @@ class CoReFedBroadcast(NamedTuple):
   last_round: jax.Array
 
 
-def safe_normalize(z: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """z / ||z|| along the last axis; zero stays zero, with finite gradients."""
-  sq = jnp.sum(z * z, axis=-1, keepdims=True)
-  return z * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
-
-
 def masked_mean_embedding(z: jax.Array, mask: jax.Array) -> jax.Array:
   """normalize(mean of the real rows): z float32 [B, D], mask bool [B] -> [D]."""
   m = mask.astype(z.dtype)
-  return safe_normalize(jnp.sum(z * m[:, None], 0) / jnp.maximum(jnp.sum(m), 1.0))
+  return l2_normalize(jnp.sum(z * m[:, None], 0) / jnp.maximum(jnp.sum(m), 1.0), rsqrt=True)
 
 
 def alignment_loss(z: jax.Array, z_global: jax.Array, negatives: jax.Array,
@@ -218,7 +214,7 @@ def corefed(apply_fn: Callable, init_params: Callable[[jax.Array], PyTree],
 
     total = jax.lax.fori_loop(0, (n + batch_size - 1) // batch_size, one,
                               jnp.zeros((D,), jnp.float32))
-    return safe_normalize(total / jnp.maximum(n, 1).astype(total.dtype))
+    return l2_normalize(total / jnp.maximum(n, 1).astype(total.dtype), rsqrt=True)
 
   def client_update(b, client_state, data, rng, info):
     g = b.params
@@ -259,7 +255,7 @@ def corefed(apply_fn: Callable, init_params: Callable[[jax.Array], PyTree],
     v = valid.astype(jnp.float32)
     count = jnp.maximum(jnp.sum(v), 1.0)
     z = uploads["z"]  # [K, D], normalized
-    z_g = safe_normalize(jnp.sum(z * v[:, None], 0) / count)
+    z_g = l2_normalize(jnp.sum(z * v[:, None], 0) / count, rsqrt=True)
     rho_k = z @ z_g  # [K]
     scatter = jnp.where(valid, info.client_ids, C)  # padding slots -> dropped
     client_z = s.client_z.at[scatter].set(z, mode="drop")
@@ -322,34 +318,21 @@ PRESETS = {
 }
 
 
-def _knobs(cfg) -> dict:
-  k = cfg.get("corefed", None) if hasattr(cfg, "get") else None
-  get = (lambda n, d: k.get(n, d)) if k is not None else (lambda n, d: d)
-  return dict(reference_code=get("reference_code", False), tau_c=get("tau_c", 0.07),
-              beta=get("beta", 0.5), gamma=get("gamma", 0.5), k=get("k", 2.0),
-              lambda_c=get("lambda_c", 1.0), lambda_d=get("lambda_d", 1.0),
-              window=get("window", 0), max_age=get("max_age", -1))
-
-
-def build_corefed(name: str) -> Callable[..., FederatedAlgorithm]:
-  """Registry builder ``(cfg, apply_fn, init_params)`` for preset ``name`` (see PRESETS).
-
-  Knobs come from ``cfg.corefed`` (tau_c, beta, gamma, k, lambda_c, lambda_d,
-  window, max_age, reference_code); eta_g is ``cfg.server_lr``.
-  """
-  if name not in PRESETS:
-    raise ValueError(f"Unknown CoRe-Fed preset '{name}'; one of {sorted(PRESETS)}.")
+def _register(name: str) -> None:
+  """Registers preset ``name`` (see PRESETS); knobs ``--config.<name>.<knob>`` (tau_c, beta,
+  gamma, k, lambda_c, lambda_d, window, max_age, reference_code); eta_g is the engine's
+  ``server_lr``."""
   alignment, distillation, contribution, reuse = PRESETS[name]
 
-  def build(cfg, apply_fn, init_params):
-    from fedjax_sim.algorithms.config_args import embedding_fn
-    embed_fn, dim = embedding_fn(cfg, init_params)
-    return corefed(apply_fn, init_params, embed_fn, num_clients=cfg.data.num_clients,
-                   embed_dim=dim, clients_per_round=cfg.clients_per_round,
-                   client_lr=cfg.client_lr, batch_size=cfg.batch_size, epochs=cfg.local_epochs,
-                   local_steps=cfg.local_steps, client_momentum=cfg.client_momentum,
-                   lr_decay=cfg.lr_decay, server_lr=cfg.server_lr, alignment=alignment,
-                   distillation=distillation, contribution=contribution, reuse=reuse,
-                   name=name, **_knobs(cfg))
+  @register(name, corefed, fixed=("alignment", "distillation", "contribution", "reuse",
+                                  "server_lr"))
+  def build(ctx, **knobs):
+    embed_fn, dim = ctx.embedding_fn()
+    return corefed(*ctx.model_fns(), embed_fn, num_clients=ctx.spec.num_clients, embed_dim=dim,
+                   clients_per_round=ctx.clients_per_round, server_lr=ctx.server["lr"],
+                   alignment=alignment, distillation=distillation, contribution=contribution,
+                   reuse=reuse, name=name, **ctx.client, **knobs)
 
-  return build
+
+for _name in PRESETS:
+  _register(_name)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from fedjax_sim.protocol import FederatedAlgorithm
 from fedjax_sim.algorithms import rm as rm_lib
-from fedjax_sim.algorithms.head_training import head_algorithm, pooled_builder, server_kw
+from fedjax_sim.algorithms.head_training import head_algorithm, register_split_model, server_kw
 
 class AllRepUpload(NamedTuple):
   reps: jax.Array  # float32 [N, D]
@@ -26,8 +26,10 @@ class AllRepUpload(NamedTuple):
 
 def fedallrep(archs: Sequence[str], spec: Any, clients_per_round: int, *, client_ids=None,
               server_lr: float = 0.01, server_batch_size: int = 32, server_epochs: int = 1,
-              server_reduction: str = "sum", **kw) -> FederatedAlgorithm:
+              server_reduction: str = "sum", dim: int = 32, rm: str = "avg",
+              **kw) -> FederatedAlgorithm:
   """FedAllRep (see module docstring). kw as :func:`fedjax_sim.algorithms.fedproto.fedproto`."""
+  kw = dict(kw, dim=dim, rm=rm)
   dim, bs = kw["dim"], kw["batch_size"]
 
   def make_upload(model, params, data):
@@ -46,4 +48,4 @@ def fedallrep(archs: Sequence[str], spec: Any, clients_per_round: int, *, client
                                     server_reduction), client_ids)
 
 
-BUILDER = pooled_builder(fedallrep, with_server=True)
+register_split_model("fedallrep", fedallrep)

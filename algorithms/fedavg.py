@@ -21,43 +21,13 @@ import optax
 
 from fedjax_sim.protocol import (FederatedAlgorithm, client_optimizer, local_train,
                                  masked_cross_entropy, tree_weighted_mean)
+from fedjax_sim.algorithms.optimizers import scale_by_rss_outer_eps, server_optimizer  # noqa: F401
+from fedjax_sim.algorithms.registry import register
 
 
 class ServerState(NamedTuple):
   params: Any  # the global model pytree
   opt_state: Any  # server optimizer state
-
-
-def scale_by_rss_outer_eps(tau: float) -> optax.GradientTransformation:
-  """FedAdagrad's preconditioner (Reddi et al., Algorithm 2): v += g^2, g / (sqrt(v) + tau).
-
-  optax.adagrad puts its epsilon inside the square root (g / sqrt(v + eps)),
-  which makes steps far smaller than the paper's for small pseudo-gradients.
-  """
-  def init(params):
-    return jax.tree.map(jnp.zeros_like, params)
-
-  def update(updates, v, params=None):
-    del params
-    v = jax.tree.map(lambda a, g: a + g * g, v, updates)
-    return jax.tree.map(lambda g, a: g / (jnp.sqrt(a) + tau), updates, v), v
-
-  return optax.GradientTransformation(init, update)
-
-
-def server_optimizer(name: str, lr: float, b1: float = 0.9, b2: float = 0.99,
-                     tau: float = 1e-3) -> optax.GradientTransformation:
-  """Server optimizer by name: sgd (FedAvg with lr=1), adam, yogi, adagrad."""
-  if name == "sgd":
-    return optax.sgd(lr)
-  if name == "adam":
-    return optax.adam(lr, b1=b1, b2=b2, eps=tau)
-  if name == "yogi":
-    return optax.yogi(lr, b1=b1, b2=b2, eps=tau)
-  if name == "adagrad":
-    return optax.chain(scale_by_rss_outer_eps(tau), optax.scale(-lr))
-  raise ValueError(f"Unknown server optimizer '{name}'; set --config.server_optimizer to one "
-                   "of sgd, adam, yogi, adagrad.")
 
 
 def fedavg(apply_fn: Callable, init_params: Callable[[jax.Array], Any], *,
@@ -109,3 +79,21 @@ def fedavg(apply_fn: Callable, init_params: Callable[[jax.Array], Any], *,
   return FederatedAlgorithm(
       name=name, init=init, init_client=lambda rng: (), client_update=client_update,
       server_update=server_update, eval_params=lambda s, c: s.params, apply_fn=apply_fn)
+
+
+@register("fedavg", fedavg, fixed=("local_loss",))
+def _build_fedavg(ctx, **knobs):
+  """FedAvg, or FedOpt with ``--config.server_optimizer`` (the engine's server knobs)."""
+  return fedavg(*ctx.model_fns(), server_opt=ctx.server_opt(), **ctx.client, **knobs)
+
+
+def _fedopt(opt_name: str):
+  @register(f"fed{opt_name}", fedavg, fixed=("local_loss",))
+  def build(ctx, **knobs):
+    return fedavg(*ctx.model_fns(), server_opt=ctx.server_opt(opt_name), name=f"fed{opt_name}",
+                  **ctx.client, **knobs)
+  return build
+
+
+for _opt in ("adam", "yogi", "adagrad"):  # FedAdam, FedYogi, FedAdagrad (arXiv 2003.00295)
+  _fedopt(_opt)

@@ -19,12 +19,14 @@ import jax.numpy as jnp
 from fedjax_sim.protocol import FederatedAlgorithm
 from fedjax_sim.algorithms import rm as rm_lib
 from fedjax_sim.algorithms.fedproto import ProtoUpload
-from fedjax_sim.algorithms.head_training import head_algorithm, pooled_builder, server_kw
+from fedjax_sim.algorithms.head_training import head_algorithm, register_split_model, server_kw
 
 def fedgh(archs: Sequence[str], spec: Any, clients_per_round: int, *, client_ids=None,
           server_lr: float = 0.01, server_batch_size: int = 32, server_epochs: int = 1,
-          server_reduction: str = "sum", **kw) -> FederatedAlgorithm:
+          server_reduction: str = "sum", dim: int = 32, rm: str = "avg",
+          **kw) -> FederatedAlgorithm:
   """FedGH (see module docstring). kw as :func:`fedjax_sim.algorithms.fedproto.fedproto`."""
+  kw = dict(kw, dim=dim, rm=rm)
   dim, bs = kw["dim"], kw["batch_size"]
 
   def make_upload(model, params, data):
@@ -45,4 +47,4 @@ def fedgh(archs: Sequence[str], spec: Any, clients_per_round: int, *, client_ids
                                     server_reduction), client_ids)
 
 
-BUILDER = pooled_builder(fedgh, with_server=True)
+register_split_model("fedgh", fedgh)

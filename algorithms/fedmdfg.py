@@ -83,6 +83,8 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from fedjax_sim.protocol import FederatedAlgorithm
+from fedjax_sim.algorithms.registry import register
+from fedjax_sim.checks import concrete
 
 PyTree = Any
 _TINY = 1e-12
@@ -212,7 +214,7 @@ def fedmdfg(apply_fn: Callable, init_params: Callable[[jax.Array], PyTree], *,
       slots (``info.valid.shape[0] < clients_per_round``; e.g.
       ``check_algorithm`` without ``clients_per_round=K``).
   """
-  if not 0.0 < theta < 90.0:
+  if concrete(theta) and not 0.0 < theta < 90.0:
     raise ValueError(f"FedMDFG theta={theta} must be an angle in degrees in (0, 90) "
                      "(paper: 11.25 = pi/16); set --config.fedmdfg.theta.")
   if int(s) != s or s < 0:
@@ -403,29 +405,11 @@ def fedmdfg(apply_fn: Callable, init_params: Callable[[jax.Array], PyTree], *,
       broadcast=lambda st: st.params, client_query=client_query)
 
 
-def build_fedmdfg(cfg, apply_fn, init_params) -> FederatedAlgorithm:
-  """Registry builder for ``--config.algorithm=fedmdfg``.
-
-  Args:
-    cfg: the experiment ConfigDict. Reads ``cfg.fedmdfg.{theta, s, beta,
-      strict, qp_iters}`` (each defaults to :func:`fedmdfg`'s value when the
-      key or the ``fedmdfg`` block is absent), ``cfg.client_lr``,
-      ``cfg.lr_decay``, ``cfg.batch_size``, ``cfg.clients_per_round`` (K) and
-      ``cfg.data.num_clients`` (C).
-    apply_fn: ``(params, x [B, ...]) -> logits [B, L]``.
-    init_params: ``rng -> params``.
-
-  Returns:
-    The FedMDFG FederatedAlgorithm.
-
-  Raises:
-    ValueError: from :func:`fedmdfg`: ``fedmdfg.theta`` outside (0, 90),
-      ``fedmdfg.s`` negative or not an integer, ``clients_per_round`` < 1.
-  """
-  k = cfg.get("fedmdfg", None) if hasattr(cfg, "get") else None
-  get = (lambda n, d: k.get(n, d)) if k is not None else (lambda n, d: d)
-  return fedmdfg(apply_fn, init_params, num_clients=cfg.data.num_clients,
-                 clients_per_round=cfg.clients_per_round, client_lr=cfg.client_lr,
-                 batch_size=cfg.batch_size, lr_decay=cfg.lr_decay, theta=get("theta", 11.25),
-                 s=get("s", 5), beta=get("beta", 1e-4), strict=get("strict", False),
-                 qp_iters=get("qp_iters", 1000))
+@register("fedmdfg", fedmdfg)
+def _build(ctx, **knobs):
+  """FedMDFG with ``--config.fedmdfg.{theta, s, beta, strict, qp_iters}``; C and K from the
+  engine; the client's momentum and epochs do not apply (one full-batch gradient step)."""
+  c = ctx.client
+  return fedmdfg(*ctx.model_fns(), num_clients=ctx.spec.num_clients,
+                 clients_per_round=ctx.clients_per_round, client_lr=c["client_lr"],
+                 batch_size=c["batch_size"], lr_decay=c["lr_decay"], **knobs)

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 
 from fedjax_sim.protocol import FederatedAlgorithm
 from fedjax_sim.algorithms import rm as rm_lib
-from fedjax_sim.algorithms.head_training import pooled_builder, split_kw, train_ce, valid_slots
+from fedjax_sim.algorithms.head_training import (register_split_model, split_kw, train_ce,
+                                                 valid_slots)
 
 class ProtoUpload(NamedTuple):
   protos: jax.Array  # float32 [L, D]: class prototypes (zeros for absent classes)
@@ -50,10 +51,12 @@ def aggregate_prototypes(protos: jax.Array, counts: jax.Array,
 
 
 def fedproto(archs: Sequence[str], spec: Any, clients_per_round: int, *, lam: float = 1.0,
-             client_ids=None, **kw) -> FederatedAlgorithm:
-  """FedProto (see module docstring); ``lam`` = lambda. kw: client_lr, batch_size, epochs,
-  local_steps, client_momentum, lr_decay, dim, rm."""
-  dim, num_classes, tkw = kw["dim"], spec.num_classes, split_kw(kw)
+             dim: int = 32, rm: str = "avg", client_ids=None, **kw) -> FederatedAlgorithm:
+  """FedProto (see module docstring); ``lam`` = lambda; ``dim`` = D, the common
+  representation dim, ``rm`` the representation mapping (:mod:`~fedjax_sim.algorithms.rm`).
+  kw: client_lr, batch_size, epochs, local_steps, client_momentum, lr_decay."""
+  kw = dict(kw, dim=dim, rm=rm)
+  num_classes, tkw = spec.num_classes, split_kw(kw)
 
   def client_update(model, bcast, params, data, rng, info):
     def reg(p, x, y, m):
@@ -86,4 +89,4 @@ def fedproto(archs: Sequence[str], spec: Any, clients_per_round: int, *, lam: fl
       pools=pools)
 
 
-BUILDER = pooled_builder(fedproto, with_lambda=True)
+register_split_model("fedproto", fedproto)

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 
 from fedjax_sim.protocol import FederatedAlgorithm, masked_cross_entropy
 from fedjax_sim.algorithms.fedavg import fedavg
+from fedjax_sim.algorithms.registry import register
+from fedjax_sim.checks import concrete
 
 
 def proximal_term(params: Any, global_params: Any) -> jax.Array:
@@ -20,14 +22,23 @@ def proximal_term(params: Any, global_params: Any) -> jax.Array:
   return jax.tree.reduce(jnp.add, sq)
 
 
-def fedprox(apply_fn: Callable, init_params: Callable, *, mu: float, **fedavg_kwargs
+def fedprox(apply_fn: Callable, init_params: Callable, *, mu: float = 0.01, **fedavg_kwargs
             ) -> FederatedAlgorithm:
-  """FedProx with proximal weight ``mu`` (>= 0); other arguments as :func:`fedavg`."""
-  if mu < 0:
-    raise ValueError(f"FedProx mu={mu} must be >= 0; set --config.mu.")
+  """FedProx with proximal weight ``mu`` (>= 0); other arguments as :func:`fedavg`.
+
+  Raises:
+    ValueError: ``mu`` < 0.
+  """
+  if concrete(mu) and mu < 0:
+    raise ValueError(f"FedProx mu={mu} must be >= 0; set --config.fedprox.mu.")
 
   def loss(params, global_params, x, y, mask):
     ce = masked_cross_entropy(apply_fn(params, x), y, mask)
     return ce + 0.5 * mu * proximal_term(params, global_params)
 
   return fedavg(apply_fn, init_params, local_loss=loss, name="fedprox", **fedavg_kwargs)
+
+
+@register("fedprox", fedprox)
+def _build(ctx, **knobs):
+  return fedprox(*ctx.model_fns(), server_opt=ctx.server_opt(), **ctx.client, **knobs)

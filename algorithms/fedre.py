@@ -52,6 +52,7 @@ import jax.numpy as jnp
 from fedjax_sim.protocol import (FederatedAlgorithm, client_optimizer, local_train,
                                  masked_cross_entropy)
 from fedjax_sim.algorithms import rm as rm_lib
+from fedjax_sim.algorithms.registry import register
 
 VARIANTS = ("RSR", "VAR", "RAR", "RSP", "VAP", "RAP")
 WEIGHT_DISTRIBUTIONS = ("uniform", "gaussian", "laplacian")
@@ -227,20 +228,7 @@ def fedre(archs: Sequence[str], spec: Any, clients_per_round: int, *, client_lr:
       pools=pools)
 
 
-def hetero_kwargs(cfg) -> dict:
-  """Common builder kwargs from a run config (``cfg.fedre`` holds the FedRE knobs)."""
-  f = cfg.get("fedre", None) if hasattr(cfg, "get") else getattr(cfg, "fedre", None)
-  get = (lambda k, d: f.get(k, d)) if f is not None else (lambda k, d: d)
-  return dict(client_lr=cfg.client_lr, batch_size=cfg.batch_size, epochs=cfg.local_epochs,
-              local_steps=cfg.local_steps, client_momentum=cfg.client_momentum,
-              lr_decay=cfg.lr_decay, dim=get("dim", 32), rm=get("rm", "avg")), get
-
-
-def build_fedre(cfg, spec) -> FederatedAlgorithm:
-  """Registry builder ``(cfg, spec)``; knobs from ``cfg.fedre`` (see launch/configs/base.py)."""
-  kw, get = hetero_kwargs(cfg)
-  return fedre(tuple(cfg.archs), spec, cfg.clients_per_round, variant=get("variant", "RAP"),
-               weights=get("weights", "uniform"), resample=get("resample", True),
-               server_lr=get("server_lr", 0.01), server_batch_size=get("server_batch_size", 32),
-               server_epochs=get("server_epochs", 1),
-               server_reduction=get("server_reduction", "sum"), **kw)
+@register("fedre", fedre, fixed=("client_ids",), pooled=True)
+def _build(ctx, **knobs):
+  """FedRE over the ``--config.archs`` pools; knobs ``--config.fedre.<knob>``."""
+  return fedre(ctx.archs, ctx.spec, ctx.clients_per_round, **ctx.client, **knobs)

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 from fedjax_sim.protocol import (FederatedAlgorithm, client_optimizer, local_train,
                                  masked_cross_entropy)
 from fedjax_sim.algorithms import rm as rm_lib
-from fedjax_sim.algorithms.fedre import ServerState as HeadState, hetero_kwargs
+from fedjax_sim.algorithms.fedre import ServerState as HeadState
+from fedjax_sim.algorithms.registry import register
 
 
 def train_ce(model, params, data, rng, info, kw, extra_loss=None):
@@ -90,15 +91,10 @@ def server_kw(server_lr=0.01, server_batch_size=32, server_epochs=1, server_redu
               reduction=server_reduction)
 
 
-def pooled_builder(fn, with_server=False, with_lambda=False):
-  """Registry builder ``(cfg, spec) -> FederatedAlgorithm`` of ``fn``; knobs from ``cfg.fedre``."""
-  def build(cfg, spec):
-    kw, get = hetero_kwargs(cfg)
-    if with_server:
-      kw.update(server_lr=get("server_lr", 0.01), server_batch_size=get("server_batch_size", 32),
-                server_epochs=get("server_epochs", 1),
-                server_reduction=get("server_reduction", "sum"))
-    if with_lambda:
-      kw["lam"] = get("fedproto_lambda", 1.0)
-    return fn(tuple(cfg.archs), spec, cfg.clients_per_round, **kw)
-  return build
+def register_split_model(name: str, fn) -> None:
+  """Registers split-model method ``fn(archs, spec, K, **client, **knobs)`` as ``name``
+  (knobs ``--config.<name>.<knob>``: its signature's dim, rm, ...; pools from
+  ``--config.archs``)."""
+  @register(name, fn, fixed=("client_ids",), pooled=True)
+  def build(ctx, **knobs):
+    return fn(ctx.archs, ctx.spec, ctx.clients_per_round, **ctx.client, **knobs)

@@ -16,12 +16,13 @@ import jax.numpy as jnp
 from fedjax_sim.protocol import FederatedAlgorithm, tree_weighted_mean
 from fedjax_sim.algorithms import rm as rm_lib
 from fedjax_sim.algorithms.fedre import ServerState as HeadState
-from fedjax_sim.algorithms.head_training import (pooled_builder, replace_head_client, split_kw,
+from fedjax_sim.algorithms.head_training import (register_split_model, replace_head_client, split_kw,
                                                  valid_slots)
 
 def lg_fedavg(archs: Sequence[str], spec: Any, clients_per_round: int, *, client_ids=None,
-              **kw) -> FederatedAlgorithm:
+              dim: int = 32, rm: str = "avg", **kw) -> FederatedAlgorithm:
   """LG-FedAvg (head averaged by FedAvg, example weights). kw as :func:`fedjax_sim.algorithms.fedproto.fedproto`."""
+  kw = dict(kw, dim=dim, rm=rm)
   dim, num_classes, tkw = kw["dim"], spec.num_classes, split_kw(kw)
   pools, _ = rm_lib.split_pools(archs, spec, clients_per_round,
                                 replace_head_client(tkw, lambda m, p, d: p["head"]), dim=dim,
@@ -41,4 +42,4 @@ def lg_fedavg(archs: Sequence[str], spec: Any, clients_per_round: int, *, client
       apply_fn=None, broadcast=lambda s: s.head, personalized=True, pools=pools)
 
 
-BUILDER = pooled_builder(lg_fedavg)
+register_split_model("lg_fedavg", lg_fedavg)

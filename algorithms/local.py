@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Callable
 
 from fedjax_sim import seeding
+from fedjax_sim.algorithms.registry import register
 from fedjax_sim.protocol import (FederatedAlgorithm, client_optimizer, local_train,
                                  masked_cross_entropy)
 
@@ -35,3 +36,8 @@ def local_only(apply_fn: Callable, init_params: Callable, *, client_lr: float,
       client_update=client_update,
       server_update=lambda state, uploads, weights, info, rng: (state, {}),
       eval_params=lambda server_state, params: params, apply_fn=apply_fn, personalized=True)
+
+
+@register("local", local_only, fixed=("init_seed",))
+def _build(ctx, **knobs):
+  return local_only(*ctx.model_fns(), init_seed=ctx.seed, **ctx.client, **knobs)

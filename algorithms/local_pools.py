@@ -11,11 +11,12 @@ import jax.numpy as jnp
 
 from fedjax_sim.protocol import FederatedAlgorithm
 from fedjax_sim.algorithms import rm as rm_lib
-from fedjax_sim.algorithms.head_training import pooled_builder, split_kw, train_ce
+from fedjax_sim.algorithms.head_training import register_split_model, split_kw, train_ce
 
 def local_pools(archs: Sequence[str], spec: Any, clients_per_round: int, *, client_ids=None,
-                **kw) -> FederatedAlgorithm:
+                dim: int = 32, rm: str = "avg", **kw) -> FederatedAlgorithm:
   """Local training of every client's split model; no communication. kw as :func:`fedjax_sim.algorithms.fedproto.fedproto`."""
+  kw = dict(kw, dim=dim, rm=rm)
   tkw = split_kw(kw)
 
   def client_update(model, bcast, params, data, rng, info):
@@ -32,4 +33,4 @@ def local_pools(archs: Sequence[str], spec: Any, clients_per_round: int, *, clie
       eval_params=None, apply_fn=None, personalized=True, pools=pools)
 
 
-BUILDER = pooled_builder(local_pools)
+register_split_model("local_pools", local_pools)

@@ -17,13 +17,7 @@ import optax
 from fedjax_sim import models
 from fedjax_sim.protocol import FederatedAlgorithm, Pool
 from fedjax_sim.algorithms.fedavg import fedavg
-
-
-class DataSpec(NamedTuple):
-  """What a pooled builder needs to know about the data."""
-  input_shape: tuple
-  num_classes: int
-  num_clients: int
+from fedjax_sim.algorithms.registry import DataSpec, register
 
 
 def assign_round_robin(num_clients: int, num_pools: int) -> list[np.ndarray]:
@@ -118,3 +112,10 @@ def fedavg_per_pool(archs: Sequence[str], spec: DataSpec, clients_per_round: int
   return FederatedAlgorithm(
       name="fedavg_pools", init=init, init_client=None, client_update=None,
       server_update=server_update, eval_params=None, apply_fn=None, pools=tuple(pools))
+
+
+@register("fedavg_pools", fedavg_per_pool, fixed=("client_ids",), pooled=True)
+def _build(ctx, **knobs):
+  """One FedAvg model per ``--config.archs`` entry (the engine's client and server knobs)."""
+  return fedavg_per_pool(ctx.archs, ctx.spec, ctx.clients_per_round, server_opt=ctx.server_opt(),
+                         **ctx.client, **knobs)

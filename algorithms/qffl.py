@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_sim.algorithms.registry import register
+from fedjax_sim.checks import concrete
 from fedjax_sim.protocol import (FederatedAlgorithm, client_optimizer, local_train,
                                  masked_cross_entropy)
 
@@ -50,13 +52,16 @@ def qffl_step(params: PyTree, grads: PyTree, losses: jax.Array, lrs: jax.Array,
   v = valid.astype(jnp.float32)
   fq = jnp.power(F, q) * v  # [K]
   sq = jax.vmap(tree_sq_norm)(grads)  # [K]
-  h = (q * jnp.power(F, q - 1.0) * sq if q != 0 else 0.0) + fq / lrs
+  if concrete(q):
+    h = (q * jnp.power(F, q - 1.0) * sq if q != 0 else 0.0) + fq / lrs
+  else:  # a swept (traced) q: the same branch as data
+    h = jnp.where(q != 0, q * jnp.power(F, q - 1.0) * sq, 0.0) + fq / lrs
   h = jnp.sum(jnp.where(valid, h, 0.0))
   num = jax.tree.map(lambda g: jnp.tensordot(fq.astype(g.dtype), g, axes=1), grads)
   return jax.tree.map(lambda p, n: p - n / jnp.maximum(h, 1e-12).astype(p.dtype), params, num)
 
 
-def qffl(apply_fn: Callable, init_params: Callable[[jax.Array], PyTree], *, q: float,
+def qffl(apply_fn: Callable, init_params: Callable[[jax.Array], PyTree], *, q: float = 1.0,
          client_lr: float, batch_size: int, epochs: int = 1, local_steps: int = 0,
          client_momentum: float = 0.0, lr_decay: float = 1.0,
          name: str = "qffl") -> FederatedAlgorithm:
@@ -66,8 +71,8 @@ def qffl(apply_fn: Callable, init_params: Callable[[jax.Array], PyTree], *, q: f
   "lr": float32 []}``. Server state: the params pytree. F_k is the masked mean
   cross-entropy of w on all of client k's training rows, computed in batches of B.
   """
-  if q < 0:
-    raise ValueError(f"q-FFL q={q} must be >= 0; set --config.qffl_q.")
+  if concrete(q) and q < 0:
+    raise ValueError(f"q-FFL q={q} must be >= 0; set --config.qffl.q.")
 
   def client_loss(params, data):
     n_rows = data.y.shape[0]
@@ -104,9 +109,7 @@ def qffl(apply_fn: Callable, init_params: Callable[[jax.Array], PyTree], *, q: f
       server_update=server_update, eval_params=lambda s, c: s, apply_fn=apply_fn)
 
 
-def build_qffl(cfg, apply_fn, init_params) -> FederatedAlgorithm:
-  """Registry builder: q from ``cfg.qffl_q`` (default 1.0), client settings as FedAvg."""
-  q = cfg.get("qffl_q", 1.0) if hasattr(cfg, "get") else 1.0
-  return qffl(apply_fn, init_params, q=q, client_lr=cfg.client_lr, batch_size=cfg.batch_size,
-              epochs=cfg.local_epochs, local_steps=cfg.local_steps,
-              client_momentum=cfg.client_momentum, lr_decay=cfg.lr_decay)
+@register("qffl", qffl)
+def _build(ctx, **knobs):
+  """q-FFL with ``--config.qffl.q``; client settings as FedAvg."""
+  return qffl(*ctx.model_fns(), **ctx.client, **knobs)

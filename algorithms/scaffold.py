@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_sim.algorithms.registry import register
+from fedjax_sim.checks import concrete
 from fedjax_sim.protocol import (FederatedAlgorithm, local_train, masked_cross_entropy,
                                  tree_weighted_mean)
 
@@ -44,7 +46,7 @@ def scaffold(apply_fn: Callable, init_params: Callable, *, client_lr: float, bat
   Raises:
     ValueError: client_momentum != 0.
   """
-  if client_momentum:
+  if not concrete(client_momentum) or client_momentum:
     raise ValueError(f"SCAFFOLD uses plain local SGD; client_momentum={client_momentum} must "
                      "be 0 (set --config.client_momentum=0).")
   zeros = lambda rng: jax.tree.map(jnp.zeros_like, init_params(rng))
@@ -87,3 +89,10 @@ def scaffold(apply_fn: Callable, init_params: Callable, *, client_lr: float, bat
   return FederatedAlgorithm(
       name="scaffold", init=init, init_client=zeros, client_update=client_update,
       server_update=server_update, eval_params=lambda s, c: s.params, apply_fn=apply_fn)
+
+
+@register("scaffold", scaffold, fixed=("server_lr",))
+def _build(ctx, **knobs):
+  """eta_g is the engine's ``server_lr`` (SCAFFOLD has no server optimizer)."""
+  return scaffold(*ctx.model_fns(), num_clients=ctx.spec.num_clients, server_lr=ctx.server["lr"],
+                  **ctx.client, **knobs)

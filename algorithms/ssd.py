@@ -40,9 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_sim.protocol import FederatedAlgorithm
-from fedjax_sim.algorithms.losses import l2_normalize
+from fedjax_sim.metrics import l2_normalize
 from fedjax_sim.algorithms.ssl import (SSLModel, align_uniform_loss, fed_ssl, fedalignuniform,
                                         fedsimclr)
+from fedjax_sim.algorithms.registry import register
 from fedjax_sim.augment import AugmentConfig
 
 
@@ -65,7 +66,7 @@ def dsr_block_size(dim: int, num_clients: int) -> int:
   """
   if dim < num_clients:
     raise ValueError(f"DSR needs embedding dim D={dim} >= number of clients C={num_clients} "
-                     "for disjoint blocks; raise --config.ssl.dim.")
+                     "for disjoint blocks; raise --config.<method>.dim.")
   return dim // num_clients
 
 
@@ -177,62 +178,30 @@ def ssd(model: SSLModel, input_shape: Sequence[int], *, num_clients: int, beta: 
 
 # ----------------------------------------------------------------------------- registry glue
 
-_INPUT_SHAPES = {"digits": (8, 8, 1), "tfds:mnist": (28, 28, 1),
-                 "tfds:fashion_mnist": (28, 28, 1), "tfds:cifar10": (32, 32, 3),
-                 "tfds:cifar100": (32, 32, 3)}
+_MODEL_FIELDS = ("dim", "encoder_kind", "encoder_hidden", "projector_hidden")
 
 
-def _ssl_cfg(cfg) -> dict:
-  s = cfg.get("ssl", None) if hasattr(cfg, "get") else getattr(cfg, "ssl", None)
-  if s is None:
-    return {}
-  return s.to_dict() if hasattr(s, "to_dict") else dict(s)
+def _register_ssl(name: str, constructor) -> None:
+  """Registers an SSL method: knobs ``--config.<name>.<knob>`` are the constructor's, the
+  :func:`~fedjax_sim.algorithms.ssl.fed_ssl` options (weight_decay, cosine, augment) and the
+  encoder + projector's fields (:class:`~fedjax_sim.algorithms.ssl.SSLModel`: dim,
+  encoder_kind, encoder_hidden, projector_hidden). These methods build their own encoder; the
+  engine's classification model (``--config.model``) is not used."""
+  @register(name, (constructor, fed_ssl, SSLModel),
+            fixed=("model", "input_shape", "loss", "coef", "rounds", "momentum", "parent",
+                   "num_clients"))
+  def build(ctx, **knobs):
+    model = SSLModel(**{k: knobs.pop(k) for k in _MODEL_FIELDS if k in knobs})
+    if "augment" in knobs and not isinstance(knobs["augment"], AugmentConfig):
+      knobs["augment"] = AugmentConfig.from_dict(dict(knobs["augment"]))
+    if constructor is ssd:
+      knobs["num_clients"] = ctx.spec.num_clients
+    c = ctx.client
+    return constructor(model, tuple(ctx.spec.input_shape), rounds=ctx.rounds,
+                       client_lr=c["client_lr"], momentum=c["client_momentum"],
+                       batch_size=c["batch_size"], epochs=c["epochs"],
+                       local_steps=c["local_steps"], **knobs)
 
 
-def model_from_config(cfg) -> tuple[SSLModel, tuple[int, ...]]:
-  """The encoder + projector and the input shape named by ``cfg.ssl`` (defaults if absent)."""
-  s = _ssl_cfg(cfg)
-  shape = s.get("input_shape") or _INPUT_SHAPES.get(cfg.data.dataset)
-  if shape is None:
-    raise ValueError(f"no input shape known for dataset '{cfg.data.dataset}'; set "
-                     "--config.ssl.input_shape.")
-  model = SSLModel(dim=int(s.get("dim", 128)), encoder_kind=s.get("encoder", "mlp"),
-                   encoder_hidden=tuple(s.get("encoder_hidden", (256,))),
-                   projector_hidden=int(s.get("projector_hidden", 256)))
-  return model, tuple(shape)
-
-
-def build_from_config(method: str):
-  """A registry builder ``(cfg, apply_fn, init_params) -> FederatedAlgorithm``.
-
-  ``method`` is fedalignuniform, fedsimclr or ssd. The engine's classification
-  model (``apply_fn``, ``init_params``) is ignored: these methods build their
-  own encoder + projector from ``cfg.ssl``.
-  """
-  def build(cfg, apply_fn, init_params):
-    del apply_fn, init_params
-    s = _ssl_cfg(cfg)
-    model, shape = model_from_config(cfg)
-    common = dict(rounds=cfg.rounds, client_lr=cfg.client_lr,
-                  momentum=cfg.client_momentum if cfg.client_momentum else 0.0,
-                  weight_decay=float(s.get("weight_decay", 1e-4)), batch_size=cfg.batch_size,
-                  epochs=cfg.local_epochs, local_steps=cfg.local_steps,
-                  cosine=bool(s.get("cosine", True)),
-                  augment=AugmentConfig.from_dict(s.get("augment", {})))
-    if method == "fedalignuniform":
-      return fedalignuniform(model, shape, beta=float(s.get("beta", 1.0)),
-                             t=float(s.get("t", 2.0)), **common)
-    if method == "fedsimclr":
-      return fedsimclr(model, shape, tau=float(s.get("tau", 0.5)), **common)
-    if method == "ssd":
-      return ssd(model, shape, num_clients=cfg.data.num_clients, beta=float(s.get("beta", 1.0)),
-                 gamma=float(s.get("gamma", 1.0)), delta=float(s.get("delta", 0.1)),
-                 t=float(s.get("t", 2.0)), scale=float(s.get("dsr_scale", np.sqrt(10.0))),
-                 pd_temperature=float(s.get("pd_temperature", 0.5)),
-                 basis_seed=int(s.get("basis_seed", 0)), **common)
-    raise ValueError(f"unknown SSL method '{method}'.")
-  return build
-
-
-SSL_BUILDERS: dict[str, Any] = {m: build_from_config(m)
-                                for m in ("fedalignuniform", "fedsimclr", "ssd")}
+for _name, _fn in (("fedalignuniform", fedalignuniform), ("fedsimclr", fedsimclr), ("ssd", ssd)):
+  _register_ssl(_name, _fn)

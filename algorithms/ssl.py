@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_sim.protocol import FederatedAlgorithm, local_train, tree_weighted_mean
-from fedjax_sim.algorithms.losses import l2_normalize
+from fedjax_sim.metrics import l2_normalize
 from fedjax_sim.augment import AugmentConfig, two_views
 from fedjax_sim.repr_metrics import alignment, uniformity
 
@@ -72,7 +72,7 @@ class Encoder(nn.Module):
       z = nn.relu(nn.Conv(64, (3, 3), strides=(2, 2), padding="SAME")(z))
       z = z.reshape((z.shape[0], -1))
     else:
-      raise ValueError(f"unknown encoder kind '{self.kind}'; set --config.ssl.encoder to mlp "
+      raise ValueError(f"unknown encoder kind '{self.kind}'; set --config.<method>.encoder_kind to mlp "
                        "or cnn.")
     return nn.relu(nn.Dense(self.dim)(z))
 

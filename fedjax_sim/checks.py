@@ -17,6 +17,16 @@ from fedjax_sim.protocol import ClientInfo, FederatedAlgorithm, ServerInfo
 from fedjax_sim.client_data import ClientData
 from fedjax_sim.errors import FedSimError
 
+
+def concrete(x: Any) -> bool:
+  """Whether ``x`` is a concrete value (a number or array, not a traced array).
+
+  Constructors check their knobs' ranges only on concrete values: inside a
+  vectorized sweep the knobs arrive as traced arrays (each point's value was
+  checked on its own before the sweep traced them).
+  """
+  return not isinstance(x, jax.core.Tracer)
+
 GUIDE = "docs/writing_an_algorithm.md"
 
 

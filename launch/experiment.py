@@ -19,15 +19,47 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+import ml_collections
+
 from fedjax_sim import models, sampling
-from fedjax_sim.algorithms import ALGORITHMS, POOLED_ALGORITHMS, build_algorithm
-from fedjax_sim.algorithms.pooled import DataSpec
+from fedjax_sim.algorithms import registry
+from fedjax_sim.algorithms.registry import ALGORITHMS, BuildContext, DataSpec
 from fedjax_sim.data import build_federated_data
 from fedjax_sim.errors import ConfigError
 from fedjax_sim.round import make_mesh
 from fedjax_sim.simulation import Experiment, simulate
 
-__all__ = ["Experiment", "build_experiment", "train_and_evaluate", "validate_config"]
+__all__ = ["Experiment", "build_algorithm", "build_context", "build_experiment", "complete_config",
+           "train_and_evaluate", "validate_config"]
+
+
+def _config_value(v):
+  """A knob default as a config value (dataclasses such as AugmentConfig become sub-dicts)."""
+  if dataclasses.is_dataclass(v) and not isinstance(v, type):
+    return ml_collections.ConfigDict(dataclasses.asdict(v))
+  return v
+
+
+def complete_config(cfg) -> None:
+  """Fills ``cfg.<cfg.algorithm>`` with the method's knob defaults it does not set.
+
+  The defaults are read off the method's constructor signature
+  (:func:`fedjax_sim.algorithms.registry.knob_defaults`), so they are stated
+  once; after this every knob can be overridden with
+  ``--config.<algorithm>.<knob>`` and is written to ``config.json``. Unknown
+  algorithms are left for :func:`validate_config` to report.
+  """
+  name = cfg.algorithm
+  if name not in ALGORITHMS:
+    return
+  with cfg.unlocked():
+    if name not in cfg or cfg[name] is None:
+      cfg[name] = ml_collections.ConfigDict()
+    sub = cfg[name]
+    with sub.unlocked():
+      for k, v in registry.knob_defaults(name).items():
+        if k not in sub:
+          sub[k] = _config_value(v)
 
 
 def validate_config(cfg) -> None:
@@ -91,9 +123,14 @@ def validate_config(cfg) -> None:
   need(0 <= cfg.num_devices <= visible,
        f"num_devices={cfg.num_devices} but {visible} device(s) are visible; set "
        f"--config.num_devices to at most {visible} (0 = all visible devices).")
-  known = sorted(ALGORITHMS) + sorted(POOLED_ALGORITHMS)
+  known = sorted(ALGORITHMS)
   need(cfg.algorithm in known, f"unknown algorithm '{cfg.algorithm}'; set "
        f"--config.algorithm to one of {', '.join(known)}.")
+  knobs = cfg.get(cfg.algorithm) or {}
+  valid = registry.knob_defaults(cfg.algorithm)
+  extra = sorted(set(knobs) - set(valid))
+  need(not extra, f"{cfg.algorithm} has no knob {', '.join(extra)}; its knobs are "
+       f"{', '.join(sorted(valid)) or 'none'}; remove --config.{cfg.algorithm}.{extra[0] if extra else ''}.")
   need(cfg.model in models.MODELS, f"unknown model '{cfg.model}'; set --config.model to one of "
        f"{', '.join(sorted(models.MODELS))}.")
   optimizers = ("sgd", "adam", "yogi", "adagrad")  # fedjax_sim.algorithms.server_optimizer
@@ -103,7 +140,7 @@ def validate_config(cfg) -> None:
   samplers = ("uniform", "availability", "schedule")  # fedjax_sim.sampling.build_sampler
   need(cfg.get("sampler", "uniform") in samplers, f"unknown sampler '{cfg.get('sampler')}'; set "
        f"--config.sampler to one of {', '.join(samplers)}.")
-  if cfg.algorithm not in POOLED_ALGORITHMS:  # model pools build their own models from archs
+  if not ALGORITHMS[cfg.algorithm].pooled:  # model pools build their own models from archs
     fields = [f.name for f in dataclasses.fields(models.MODELS[cfg.model])
               if f.name not in ("parent", "name", "num_classes")]
     kwargs = dict(cfg.get("model_kwargs") or {})
@@ -118,12 +155,46 @@ def validate_config(cfg) -> None:
              f"count); set --config.model_kwargs.{k} (e.g. (32,)).")
 
 
+def build_context(cfg, data) -> BuildContext:
+  """The registry's build context of run config ``cfg`` over built ``data`` (FederatedData)."""
+  return BuildContext.from_config(
+      cfg, DataSpec(data.input_shape, data.num_classes, data.num_clients), data=data)
+
+
+def build_algorithm(cfg, spec: DataSpec, data: Any = None, seed: Any = None,
+                    values: Optional[dict] = None):
+  """``(algorithm, sampler)`` of the run config: the registry's builder of ``cfg.algorithm``
+  with the knob sub-dict ``cfg.<algorithm>``; sampler None for model-pool methods.
+
+  Args:
+    cfg: the run config.
+    spec: input shape, classes, clients of the data.
+    data: the built FederatedData (auxiliary sets), or None.
+    seed: the run seed (default ``cfg.seed``; a traced int32 in a vectorized sweep).
+    values: dotted keys replaced by arrays (a vectorized sweep's hyperparameters):
+      engine knobs (``client_lr``, ``server_lr``, ...) and ``<algorithm>.<knob>``.
+
+  Raises:
+    ConfigError: unknown algorithm or knob; ValueError: a knob value the method rejects.
+  """
+  values = values or {}
+  ctx = BuildContext.from_config(cfg, spec, data=data, seed=seed, values=values)
+  prefix = cfg.algorithm + "."
+  knobs = {k: v for k, v in (cfg.get(cfg.algorithm) or {}).items()}
+  knobs.update({k[len(prefix):]: v for k, v in values.items() if k.startswith(prefix)})
+  algorithm = registry.build(cfg.algorithm, ctx, knobs)
+  sampler = None if ALGORITHMS[cfg.algorithm].pooled else sampling.build_sampler(
+      cfg, spec.num_clients)
+  return algorithm, sampler
+
+
 def build_experiment(cfg) -> Experiment:
   """Validates the config and builds data, model, algorithm, sampler and mesh.
 
   Raises:
     ConfigError, DatasetError, PartitionError: bad settings or missing data.
   """
+  complete_config(cfg)
   validate_config(cfg)
   mesh = make_mesh(cfg.num_devices or None)
   data = build_federated_data(cfg.data, batch_size=cfg.batch_size, seed=cfg.seed,
@@ -132,22 +203,23 @@ def build_experiment(cfg) -> Experiment:
   if empty.size:
     raise ConfigError(f"client {int(empty[0])} has no training data; lower "
                       "--config.data.client_test_fraction or --config.data.num_clients.")
-  if cfg.algorithm in POOLED_ALGORITHMS:  # model pools: the algorithm builds its models
-    model, sampler = None, None
-    algorithm = POOLED_ALGORITHMS[cfg.algorithm](
-        cfg, DataSpec(data.input_shape, data.num_classes, data.num_clients))
-  else:
+  spec = DataSpec(data.input_shape, data.num_classes, data.num_clients)
+  try:
+    algorithm, sampler = build_algorithm(cfg, spec, data)
+  except ValueError as err:
+    if isinstance(err, ConfigError):
+      raise
+    raise ConfigError(f"{cfg.algorithm}: {err}") from err
+  model = None
+  if not ALGORITHMS[cfg.algorithm].pooled:
     model = models.build_model(cfg.model, data.num_classes, **dict(cfg.model_kwargs))
-    apply_fn = lambda params, x: model.apply({"params": params}, x)
-    init_params = lambda rng: models.init_params(model, rng, data.input_shape)
-    algorithm = build_algorithm(cfg, apply_fn, init_params)
-    sampler = sampling.build_sampler(cfg, data.num_clients)
   return Experiment(cfg, data, model, algorithm, sampler, mesh)
 
 
 def train_and_evaluate(cfg, workdir: str, resume: bool = False,
                        experiment: Optional[Experiment] = None) -> dict[str, Any]:
-  """Builds the experiment of ``cfg`` (unless given) and runs it: :func:`fedjax_sim.simulation.simulate`.
+  """Builds the experiment of ``cfg`` (unless given) and runs it with the config's engine
+  settings: :func:`fedjax_sim.simulation.simulate` with the run directory ``workdir``.
 
   Args:
     cfg: the run ConfigDict.
@@ -156,11 +228,27 @@ def train_and_evaluate(cfg, workdir: str, resume: bool = False,
     experiment: an already built experiment of ``cfg``.
 
   Returns:
-    The last evaluation's metrics dict.
+    The last evaluation's metrics dict, with ``train_time_s`` (seconds in round calls).
 
   Raises:
     ConfigError, DatasetError, PartitionError: bad settings or missing data.
     DivergedError, CheckpointError: see :func:`fedjax_sim.simulation.simulate`.
   """
-  return simulate(experiment if experiment is not None else build_experiment(cfg), workdir,
-                  resume)
+  exp = experiment if experiment is not None else build_experiment(cfg)
+  result = simulate(
+      exp.algorithm, exp.sampler, exp.data, seed=cfg.seed, rounds=cfg.rounds,
+      rounds_per_call=cfg.rounds_per_call, eval_every=cfg.eval_every,
+      checkpoint_every=cfg.checkpoint_every, max_checkpoints=cfg.max_checkpoints,
+      chunk_size=cfg.chunk_size or None, mesh=exp.mesh, workdir=workdir, resume=resume,
+      config_json=cfg.to_json_best_effort(indent=2), name=cfg.algorithm, progress=cfg.progress,
+      diverged_hint=diverged_hint(cfg))
+  row = dict(result.history[-1]) if result.history else {}
+  row["train_time_s"] = result.train_s
+  return row
+
+
+def diverged_hint(cfg) -> str:
+  """What follows "training diverged: ... by round N" for a run of ``cfg``: the learning
+  rates and the flags that lower them."""
+  return (f" (client_lr={cfg.client_lr}, server_lr={cfg.server_lr}); lower --config.client_lr "
+          "or --config.server_lr.")

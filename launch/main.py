@@ -168,6 +168,15 @@ def config_from_argv(argv: Sequence[str]) -> ConfigDict:
       spec, config_at = (a.split("=", 1)[1] if m.group(1) == "=" else
                          (argv[i + 1] if i + 1 < len(argv) else "")), i
   cfg = load_config_file(spec)
+  # The method's knob sub-dict (cfg.<algorithm>) is completed from its constructor's defaults
+  # first, for the algorithm the command line selects, so --config.<algorithm>.<knob> exists.
+  from fedjax_sim.launch.experiment import complete_config
+  for a in argv[1:]:
+    m = _OVERRIDE_ARG.match(a)
+    if m and m.group(2) == "algorithm" and m.group(4) is not None:
+      with cfg.unlocked():
+        cfg.algorithm = m.group(4)
+  complete_config(cfg)
   keys = config_keys(cfg)
   overrides: list[str] = []  # the override arguments, values included
   skip = False
@@ -236,6 +245,7 @@ def format_summary(row: dict, cfg, workdir: str) -> str:
           ("client_acc_mean", "client accuracy mean"), ("client_acc_std", "client accuracy std"),
           ("client_acc_worst10", "client accuracy worst 10%"), ("jain_index", "Jain's index"),
           ("d_cosine", "D_Cosine (rad)"), ("d_manhattan", "D_Manhattan (pp)"),
+          ("delta_pct", "Delta (%) vs local training"),
           ("padding_efficiency", "padding efficiency"),
           ("comm/upload_scalars_per_round", "uploaded scalars / round"),
           ("comm/broadcast_scalars_per_round", "broadcast scalars / round"),

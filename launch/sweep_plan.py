@@ -90,8 +90,12 @@ def coerce(cfg, key: str, value: Any) -> Any:
 
 def apply_overrides(cfg, overrides: dict):
   """A copy of ``cfg`` with the dotted keys set (types as the config's fields)."""
+  from fedjax_sim.launch.experiment import complete_config
   out = cfg.copy_and_resolve_references() if hasattr(cfg, "copy_and_resolve_references") \
       else pickle.loads(pickle.dumps(cfg))
+  if "algorithm" in overrides:  # the method first: its knob sub-dict is completed for it
+    out.algorithm = overrides["algorithm"]
+  complete_config(out)
   for key, value in overrides.items():
     parent = out
     *path, last = key.split(".")
@@ -128,7 +132,7 @@ def make_points(cfg, grid: Optional[dict] = None, seeds: Optional[Sequence] = No
                 overrides: Optional[dict] = None) -> list[Point]:
   """The sweep's points: ``points`` (explicit) or the product of ``grid``, each with every seed.
 
-  Values are converted to the config fields' types, so ``mu=0`` is the float 0.0.
+  Values are converted to the config fields' types, so ``fedprox.mu=0`` is the float 0.0.
 
   Raises:
     KeyError: a key that is not in the config.  ValueError: a bad value.
@@ -140,6 +144,15 @@ def make_points(cfg, grid: Optional[dict] = None, seeds: Optional[Sequence] = No
     grid = grid or {}
     keys = list(grid)
     combos = [dict(zip(keys, vals)) for vals in itertools.product(*[grid[k] for k in keys])]
+  # Method knobs (``fedprox.mu``) exist once the config's knob sub-dict is completed for every
+  # algorithm the sweep runs.
+  from fedjax_sim.launch.experiment import complete_config
+  cfg = cfg.copy_and_resolve_references()
+  chosen = cfg.algorithm
+  for name in {chosen, *(str(c["algorithm"]) for c in [base, *combos] if "algorithm" in c)}:
+    cfg.algorithm = name
+    complete_config(cfg)
+  cfg.algorithm = chosen
   out, seen = [], set()
   seed_list = [int(s) for s in seeds] if seeds else [None]
   for combo in combos:
@@ -214,7 +227,7 @@ def plan_tasks(cfg, points: Sequence[Point], vectorize: bool) -> list[list[int]]
   groups: dict[Any, list[int]] = {}
   for i, p in enumerate(points):
     fixed = tuple(sorted((k, repr(v)) for k, v in p.overrides.items()
-                         if not is_vectorizable_key(k, get_key(cfg, k))))
+                         if not is_vectorizable_key(k, v)))  # v: typed as the config field
     groups.setdefault(fixed, []).append(i)
   return list(groups.values())
 

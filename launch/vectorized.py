@@ -2,23 +2,23 @@
 seeds, as ONE compiled program vmapped over a leading config axis G.
 
 How: the algorithm is built *inside* a function of traced hyperparameters
-(``build_algorithm`` reads them from a config overlay, :class:`_Overlay`), and
+(optax's ``inject_hyperparams`` idea): ``launch.experiment.build_algorithm(cfg,
+spec, seed=h["seed"], values=h)`` hands the swept keys to the builder as
+arrays (engine knobs such as ``client_lr`` through the build context, method
+knobs ``<algorithm>.<knob>`` as the constructor's keyword arguments), and
 ``make_round(..., jit=False)`` gives the un-jitted round, so
 
-    vmap(lambda state, data, hp: make_round(build(hp), ..., seed=hp["seed"],
-                                            jit=False)(state, data))
+    vmap(lambda state, data, h: make_round(build(h), ..., seed=h["seed"],
+                                           jit=False)(state, data))
 
 is one program for all G points (``jax.random.PRNGKey`` accepts the traced
 seed; the engine derives every key from (seed, round)). The same goes for
-``init_state`` and the evaluation.
-
-Hyperparameters reach the builders as :class:`HParam` objects: arithmetic on
-one gives a traced array (``optax.sgd(lr)``, ``0.5 * mu * ...`` work), while
-Python control flow on one (``if mu < 0``, ``momentum or None``,
-``decay == 1.0``) is answered from the G concrete values when they all agree,
-and raises :class:`NotVectorizable` when they don't. Anything else a builder
-does with a number (``float(x)``, NumPy, a ``jnp`` call on the raw object)
-also fails at trace time; the sweep then falls back to one run per point.
+``init_state`` and the evaluation. Constructors are written for array knobs:
+arithmetic works, and range checks run only on concrete values (each point
+is built once with its own concrete values first, so bad values still fail
+with their message). A builder that branches in Python on a swept value, or
+needs a concrete number, fails while tracing; the sweep then falls back to
+one run per point (:class:`NotVectorizable` says why).
 
 Seeds change the data partition (the run seed seeds it): each distinct seed's
 data is built, padded to a common N (padding rows are inert: masked, and the
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import math
-import operator
 import os
 import shutil
 import time
@@ -50,11 +49,11 @@ from fedjax_sim.client_data import pad_examples
 from fedjax_sim import evaluation, models, sampling
 from fedjax_sim.checkpoint import Checkpointer
 from fedjax_sim.round import init_state, make_mesh, make_round
-from fedjax_sim.launch.experiment import validate_config
+from fedjax_sim.simulation import run_rounds, train_fields
+from fedjax_sim.launch.experiment import diverged_hint, validate_config
 
 # Keys that are never vectorized: they change data, shapes or Python structure.
-SHAPE_KEYS_PREFIXES = ("data.", "availability.", "model_kwargs.", "corefed.window",
-                       "corefed.max_age")
+SHAPE_KEYS_PREFIXES = ("data.", "availability.", "model_kwargs.")
 
 
 class NotVectorizable(Exception):
@@ -65,7 +64,7 @@ def is_vectorizable_key(key: str, value: Any) -> bool:
   """Whether sweeping ``key`` can stay inside one compiled program.
 
   ``seed`` always can; otherwise numeric float hyperparameters (client_lr,
-  server_lr, mu, qffl_q, server_tau, corefed.beta, ...) outside the data,
+  server_lr, server_tau, fedprox.mu, qffl.q, corefed.beta, ...) outside the data,
   availability and model settings.
   """
   if key == "seed":
@@ -75,121 +74,25 @@ def is_vectorizable_key(key: str, value: Any) -> bool:
   return isinstance(value, float)
 
 
-class HParam:
-  """A traced hyperparameter that still answers Python comparisons.
-
-  ``traced`` is this point's scalar (a tracer under vmap); ``values`` are the
-  concrete values of all G points. Arithmetic returns traced arrays;
-  comparisons and ``bool`` return a Python bool when every point agrees.
-  """
-
-  def __init__(self, name: str, traced: Any, values: Sequence[Any]):
-    self.name, self.traced, self.values = name, traced, list(values)
-
-  # --- control flow: answered from the concrete values -------------------
-  def _agree(self, op, other, opname):
-    others = other.values if isinstance(other, HParam) else [other] * len(self.values)
-    results = {bool(op(v, o)) for v, o in zip(self.values, others)}
-    if len(results) != 1:
-      raise NotVectorizable(f"the algorithm branches on '{self.name}' ({opname}) and the swept "
-                            f"values {self.values} take different branches")
-    return results.pop()
-
-  def __lt__(self, o): return self._agree(operator.lt, o, "<")
-  def __le__(self, o): return self._agree(operator.le, o, "<=")
-  def __gt__(self, o): return self._agree(operator.gt, o, ">")
-  def __ge__(self, o): return self._agree(operator.ge, o, ">=")
-  def __eq__(self, o): return self._agree(operator.eq, o, "==")
-  def __ne__(self, o): return self._agree(operator.ne, o, "!=")
-  def __bool__(self): return self._agree(lambda v, _: bool(v), None, "bool")
-  __hash__ = None
-
-  def _concrete(self, what):
-    raise NotVectorizable(f"the algorithm needs a concrete {what} of '{self.name}'")
-
-  def __float__(self): self._concrete("float")
-  def __int__(self): self._concrete("int")
-  def __index__(self): self._concrete("index")
-  def __array__(self, *a, **k): self._concrete("NumPy value")
-
-  # --- arithmetic: traced --------------------------------------------------
-  @staticmethod
-  def _t(x):
-    return x.traced if isinstance(x, HParam) else x
-
-  def __add__(self, o): return self.traced + self._t(o)
-  def __radd__(self, o): return self._t(o) + self.traced
-  def __sub__(self, o): return self.traced - self._t(o)
-  def __rsub__(self, o): return self._t(o) - self.traced
-  def __mul__(self, o): return self.traced * self._t(o)
-  def __rmul__(self, o): return self._t(o) * self.traced
-  def __truediv__(self, o): return self.traced / self._t(o)
-  def __rtruediv__(self, o): return self._t(o) / self.traced
-  def __pow__(self, o): return self.traced ** self._t(o)
-  def __rpow__(self, o): return self._t(o) ** self.traced
-  def __neg__(self): return -self.traced
-  def __pos__(self): return self.traced
-  def __abs__(self): return jnp.abs(self.traced)
-  def __jax_array__(self): return self.traced
-
-  def __repr__(self):
-    return f"HParam({self.name}, {self.values})"
-
-
-class _Overlay:
-  """A read-only view of a ConfigDict where some dotted keys are replaced."""
-
-  def __init__(self, cfg, overrides: dict[str, Any], prefix: str = ""):
-    object.__setattr__(self, "_cfg", cfg)
-    object.__setattr__(self, "_over", overrides)
-    object.__setattr__(self, "_prefix", prefix)
-
-  def _lookup(self, name):
-    full = self._prefix + name
-    if full in self._over:
-      return self._over[full]
-    value = getattr(self._cfg, name)
-    if isinstance(value, ml_collections.ConfigDict) and any(
-        k.startswith(full + ".") for k in self._over):
-      return _Overlay(value, self._over, full + ".")
-    return value
-
-  def __getattr__(self, name):
-    if name.startswith("__"):
-      raise AttributeError(name)
-    return self._lookup(name)
-
-  def __getitem__(self, name):
-    return self._lookup(name)
-
-  def __contains__(self, name):
-    return name in self._cfg
-
-  def get(self, name, default=None):
-    return self._lookup(name) if name in self._cfg else default
-
-  def __setattr__(self, name, value):
-    raise TypeError("the sweep's config overlay is read-only")
-
-
 def get_key(cfg, key: str):
   for part in key.split("."):
     cfg = cfg[part]
   return cfg
 
 
-def _builder(cfg, spec):
-  """``build(cfg_like) -> (algorithm, sampler)`` for the config's algorithm."""
-  from fedjax_sim.algorithms import POOLED_ALGORITHMS, build_algorithm
-  if cfg.algorithm in POOLED_ALGORITHMS:
-    from fedjax_sim.algorithms.pooled import DataSpec
-    dspec = DataSpec(spec["input_shape"], spec["num_classes"], spec["num_clients"])
-    return lambda c: (POOLED_ALGORITHMS[cfg.algorithm](c, dspec), None)
-  model = models.build_model(cfg.model, spec["num_classes"], **dict(cfg.model_kwargs))
-  apply_fn = lambda params, x: model.apply({"params": params}, x)
-  init_params = lambda rng: models.init_params(model, rng, spec["input_shape"])
-  return lambda c: (build_algorithm(c, apply_fn, init_params),
-                    sampling.build_sampler(c, spec["num_clients"]))
+# Engine knobs the build context takes as arrays (BuildContext.from_config's ``values``).
+ENGINE_VALUE_KEYS = ("client_lr", "client_momentum", "lr_decay", "server_lr", "server_b1",
+                     "server_b2", "server_tau")
+
+
+def _check_traceable_keys(cfg, keys) -> None:
+  """Raises NotVectorizable for a swept key that the builders do not take as an array."""
+  from fedjax_sim.algorithms.registry import knob_defaults
+  method = {f"{cfg.algorithm}.{k}" for k in knob_defaults(cfg.algorithm)}
+  for k in keys:
+    if k != "seed" and k not in ENGINE_VALUE_KEYS and k not in method:
+      raise NotVectorizable(f"'{k}' does not reach the algorithm as an array (vectorizable: "
+                            f"seed, {', '.join(ENGINE_VALUE_KEYS)} and {cfg.algorithm}'s knobs)")
 
 
 def _stack_data(datas: list, index: list[int]):
@@ -263,12 +166,20 @@ def run_group(cfgs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str]
 
   values = {k: [get_key(c, k) for c in cfgs] for k in keys}
   hp = {k: jnp.asarray(v, jnp.int32 if k == "seed" else jnp.float32) for k, v in values.items()}
-  build = _builder(cfg0, spec)
+  from fedjax_sim.algorithms.registry import DataSpec
+  from fedjax_sim.launch.experiment import build_algorithm, complete_config
+  dspec = DataSpec(spec["input_shape"], spec["num_classes"], spec["num_clients"])
+  for c in cfgs:
+    complete_config(c)
+  _check_traceable_keys(cfg0, keys)
+  for c in cfgs:  # each point with its own concrete values: range checks with their messages
+    build_algorithm(c, dspec, d0)
   mesh = make_mesh(cfg0.num_devices or None)
   rpc = math.gcd(cfg0.rounds_per_call, cfg0.eval_every, cfg0.checkpoint_every, cfg0.rounds)
 
   def point(h):
-    return build(_Overlay(cfg0, {k: HParam(k, h[k], values[k]) for k in keys}))
+    return build_algorithm(cfg0, dspec, d0, seed=h["seed"],
+                           values={k: h[k] for k in keys if k != "seed"})
 
   def init_fn(h):
     alg, smp = point(h)
@@ -321,54 +232,47 @@ def run_group(cfgs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str]
   alg0, smp0 = point({k: v[0] for k, v in hp.items()})
   comm_counts = comm.round_comm(alg0, d0.train,
                                 None if alg0.pools else smp0.clients_per_round)
+  t0 = time.time()
 
-  def do_eval(state, round_metrics, wall, r):
+  def evaluate(r, state, train_metrics):  # every point still finite: a metrics.jsonl row
     raw = jax.device_get(veval(state, data, hp))
     for g in range(g_count):
       if status[g] != "ok":
         continue
       row = {"round": r, **evaluation.summarize(jax.tree.map(lambda a: a[g], raw), num_test)}
-      row.update({f"train_{k}" if not k.startswith(("server/", "padding", "useful")) else k:
-                  float(np.mean(v[g])) for k, v in round_metrics.items()})
+      row.update(train_fields(train_metrics, g))
       row.update(comm.comm_row(comm_counts, r))
-      row["wall_s"] = wall
+      row["wall_s"] = time.time() - t0 if r else 0.0
       with open(os.path.join(workdirs[g], "metrics.jsonl"), "a") as f:
         f.write(json.dumps(row) + "\n")
       histories[g].append(row)
 
-  t0, train_time, r = time.time(), 0.0, 0
-  do_eval(state, {}, 0.0, 0)
-  while r < cfg0.rounds and "ok" in status:
-    tc = time.time()
-    state, metrics = vround(state, data, hp)
-    metrics = jax.device_get(metrics)
-    ok = np.asarray(vfinite(state, metrics))
-    train_time += time.time() - tc
-    r += rpc
+  def diverged(round_, g):
+    status[g] = "diverged"
+    errors[g] = (f"training diverged: non-finite loss or model by round {round_}"
+                 f"{diverged_hint(cfgs[g])}")
+
+  def checkpoint(r, state):  # the final state of every point still finite
     for g in range(g_count):
-      if status[g] == "ok" and not ok[g]:
-        loss = np.asarray(metrics.get("loss", np.full((1, rpc), np.nan))[g])
-        bad = r - rpc + int(np.argmax(~np.isfinite(loss)))
-        status[g] = "diverged"
-        errors[g] = (f"training diverged: non-finite loss or model by round {bad + 1} "
-                     f"(client_lr={cfgs[g].client_lr}, server_lr={cfgs[g].server_lr}); lower "
-                     "--config.client_lr or --config.server_lr.")
-    if r % cfg0.eval_every == 0 or r == cfg0.rounds:
-      do_eval(state, metrics, time.time() - t0, r)
+      if status[g] == "ok":
+        ckdir = os.path.join(workdirs[g], "checkpoints")
+        shutil.rmtree(ckdir, ignore_errors=True)
+        ckpt = Checkpointer(ckdir, cfgs[g].max_checkpoints)
+        ckpt.save(r, jax.tree.map(lambda a: a[g], state))
+        ckpt.wait()
+        ckpt.close()
+
+  result = run_rounds(lambda s: vround(s, data, hp), state, rounds=cfg0.rounds,
+                      rounds_per_call=rpc, eval_every=cfg0.eval_every, start=0,
+                      evaluate=evaluate, is_finite=lambda s, m: np.asarray(vfinite(s, m)),
+                      on_diverged=diverged, checkpoint=checkpoint if save_checkpoint else None)
 
   from fedjax_sim import plotting
   out = []
   for g in range(g_count):
-    if save_checkpoint and status[g] == "ok":
-      ckdir = os.path.join(workdirs[g], "checkpoints")
-      shutil.rmtree(ckdir, ignore_errors=True)
-      ckpt = Checkpointer(ckdir, cfgs[g].max_checkpoints)
-      ckpt.save(r, jax.tree.map(lambda a: a[g], state))
-      ckpt.wait()
-      ckpt.close()
     plotting.plot_history(histories[g], os.path.join(workdirs[g], "plots.png"),
                           title=f"{cfgs[g].algorithm} on {d0.name}")
     row = dict(histories[g][-1]) if histories[g] else {}
-    row["train_time_s"] = train_time
+    row["train_time_s"] = result.train_s
     out.append({"status": status[g], "metrics": row, "error": errors[g]})
   return out

@@ -144,6 +144,8 @@ def test_config_from_argv_parses_like_the_config_flag():
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, flag_values=fv, sys_argv=args)
   fv(args)
+  from fedjax_sim.launch.experiment import complete_config
+  complete_config(fv.config)  # the CLI also lists the method's knobs (cfg.<algorithm>)
   assert got.to_dict() == fv.config.to_dict()
   assert (got.rounds, got.progress, got.model_kwargs.hidden, got.data.alpha) == (
       3, False, (8, 4), 0.1)
@@ -185,9 +187,8 @@ def _values(default):
   return st.one_of(typed, _ODD)
 
 
-# The run is FedAvg or FedProx, so other algorithms' knobs (corefed.*, fedre.*, ...) are left out.
-_RUN_KEYS = sorted(k for k in _DEFAULTS
-                   if not k.startswith(("corefed.", "fedmdfg.", "fedre.", "archs", "qffl_q")))
+# The run is FedAvg or FedProx (the model pools' archs are left out).
+_RUN_KEYS = sorted(k for k in _DEFAULTS if not k.startswith("archs"))
 _KNOWN = st.sampled_from(_RUN_KEYS).flatmap(
     lambda k: _values(_DEFAULTS[k]).map(lambda v: f"--config.{k}={v}"))
 _UNKNOWN = st.tuples(st.from_regex(r"[a-z_]{1,10}(\.[a-z_]{1,8})?", fullmatch=True), _ODD).map(
@@ -252,3 +253,24 @@ def test_random_overrides_train_or_fail_with_one_line(overrides):
   state, _ = round_fn(state, exp.data.train)
   assert int(jax.device_get(state.round)) == 1
   event("trained one round")
+
+
+def test_method_knobs_sit_in_the_methods_sub_dict():
+  """--config.<algorithm>.<knob> exists for every knob of the selected method, with the
+  constructor's default, also when the command line switches the algorithm."""
+  from fedjax_sim.algorithms import knob_defaults
+  from fedjax_sim.errors import ConfigError
+  from fedjax_sim.launch.experiment import validate_config
+  cfg = cli_main.config_from_argv(["fedjax-sim", f"--config={SMOKE}",
+                                   "--config.algorithm=fedprox", "--config.fedprox.mu=0.5"])
+  assert cfg.algorithm == "fedprox" and cfg.fedprox.mu == 0.5
+  cfg = cli_main.config_from_argv(["fedjax-sim", f"--config={SMOKE}",
+                                   "--config.algorithm=fedmdfg"])
+  assert cfg.fedmdfg.to_dict() == knob_defaults("fedmdfg")  # theta 11.25, s 5, ...
+  with pytest.raises(UsageError, match="fedprox.mu"):  # the closest valid key is named
+    cli_main.config_from_argv(["fedjax-sim", f"--config={SMOKE}", "--config.algorithm=fedprox",
+                               "--config.fedprox.muu=0.5"])
+  with cfg.unlocked():
+    cfg.fedmdfg.nope = 1
+  with pytest.raises(ConfigError, match="fedmdfg has no knob nope"):
+    validate_config(cfg)

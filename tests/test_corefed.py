@@ -3,6 +3,7 @@ the server step (storage, window, reuse, age cap, padding) against NumPy, an
 equivalence with FedAvg, the fairness/representation metrics against their
 definitions (docs/decisions.md#fairness-metrics), and a short jitted end-to-end run."""
 import jax
+import ml_collections
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -157,6 +158,47 @@ def test_representation_disparity_numpy():
   np.testing.assert_allclose(np.asarray(zg), g, rtol=1e-5)
 
 
+def test_l2_normalize_rsqrt_form_is_corefeds_formula():
+  """rsqrt=True evaluates z * rsqrt(max(sum z^2, eps^2)) exactly (the form CoRe-Fed's committed
+  results were computed with); it agrees with the default form to rounding and its gradient is
+  finite at a zero row."""
+  rng = np.random.default_rng(6)
+  z = jnp.asarray(rng.normal(size=(6, 5)), jnp.float32).at[2].set(0.0)
+  got = jax.jit(lambda z: metrics.l2_normalize(z, rsqrt=True))(z)
+  want = jax.jit(lambda z: z * jax.lax.rsqrt(jnp.maximum(jnp.sum(z * z, -1, keepdims=True),
+                                                         1e-12 * 1e-12)))(z)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(metrics.l2_normalize(z)), rtol=1e-6)
+  assert np.all(np.asarray(got[2]) == 0.0)
+  g = jax.grad(lambda z: jnp.sum(metrics.l2_normalize(z, rsqrt=True) ** 3))(z)
+  assert np.all(np.isfinite(np.asarray(g)))
+
+
+def test_repr_eval_disparity_over_clients_numpy():
+  """make_repr_eval(metrics=("disparity",)): z_i = normalize(mean of client i's real rows of z),
+  clients without rows excluded, against NumPy; an unknown group, and "quality" without a test
+  set, are ConfigErrors."""
+  from fedjax_sim.client_data import pack
+  from fedjax_sim.errors import ConfigError
+  from fedjax_sim.repr_metrics import make_repr_eval
+  rng = np.random.default_rng(4)
+  xs = [rng.normal(size=(n, 3)).astype(np.float32) for n in (4, 1, 0, 6, 2)]
+  train = pack(xs, [np.zeros(len(x), np.int32) for x in xs])
+  w = rng.normal(size=(3, 5)).astype(np.float32)
+  ev = make_repr_eval(lambda p, x: (x, x @ p), train, metrics=("disparity",), client_chunk=2)
+  out = ev(jnp.asarray(w))
+  zi = _unit(np.stack([(x @ w).mean(0) for x in xs if len(x)]))
+  g = _unit(zi.mean(0))
+  np.testing.assert_allclose(out["repr_disparity"], np.mean(1 - zi @ g), rtol=1e-5, atol=1e-7)
+  emb = out["client_embedding"]
+  assert emb.shape == (5, 5) and np.all(emb[2] == 0.0)
+  np.testing.assert_allclose(np.delete(emb, 2, 0), zi, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ConfigError, match="metrics"):
+    make_repr_eval(lambda p, x: (x, x), train, metrics=("uniformity",))
+  with pytest.raises(ConfigError, match="test_x"):
+    make_repr_eval(lambda p, x: (x, x), train)
+
+
 @pytest.fixture(scope="module")
 def tiny():
   """12 digits clients, 4 per round (availability sampler), MLP 64-16-10: built once."""
@@ -169,12 +211,14 @@ def tiny():
 
 
 def _algorithm(tiny, name, **knobs):
-  from fedjax_sim.algorithms import build_algorithm
+  from fedjax_sim.launch.experiment import build_algorithm
   c, exp = tiny
   c = c.copy_and_resolve_references()
   c.algorithm = name
-  c.corefed.update(knobs)
-  return build_algorithm(c, exp.algorithm.apply_fn, lambda r: exp.algorithm.init(r).params)
+  c[name] = ml_collections.ConfigDict(knobs)
+  from fedjax_sim.algorithms.registry import DataSpec
+  spec = DataSpec(exp.data.input_shape, exp.data.num_classes, exp.data.num_clients)
+  return build_algorithm(c, spec, exp.data)[0]
 
 
 def test_refed_without_loss_terms_equals_fedavg(tiny):
@@ -185,7 +229,7 @@ def test_refed_without_loss_terms_equals_fedavg(tiny):
   refed = _algorithm(tiny, "refed", lambda_c=0.0, lambda_d=0.0)
   params = fedavg.init(jax.random.PRNGKey(0)).params
   s = refed.init(jax.random.PRNGKey(0))._replace(has_global=jnp.bool_(True))
-  s = s._replace(z_global=cf.safe_normalize(jnp.ones_like(s.z_global)))
+  s = s._replace(z_global=metrics.l2_normalize(jnp.ones_like(s.z_global), rsqrt=True))
   data = jax.tree.map(lambda a: a[3], exp.data.train)
   info = ClientInfo(jnp.int32(3), jnp.int32(1), jnp.bool_(True))
   key = jax.random.PRNGKey(1)

@@ -81,7 +81,8 @@ def test_corefed_ablation_variants_and_grid():
     for variant, (algorithm, reference) in expect.items():
       cfg = ablation.get_config(f"{dataset}:{variant}")
       assert cfg.algorithm == algorithm, (dataset, variant)
-      assert bool(cfg.corefed.reference_code) == reference, (dataset, variant)
+      assert bool(cfg.get("corefed", {}).get("reference_code", False)) == reference, (
+          dataset, variant)
       # Only the method changes: data, cohort and optimizer are the dataset's.
       assert (cfg.data.dataset, cfg.clients_per_round, cfg.batch_size, cfg.client_lr) == (
           base.data.dataset, base.clients_per_round, base.batch_size, base.client_lr)

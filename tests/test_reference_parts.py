@@ -19,7 +19,7 @@
 * SSD (``algorithms/ssd.py``, arXiv 2508.01251): the same cohort in different
   slot orders gives the same round, and the round equals one restated here
   with each client's DSR block taken by its client id (not by its slot).
-* ``losses.l2_normalize`` has a finite gradient at a zero row (it was NaN; the
+* ``metrics.l2_normalize`` has a finite gradient at a zero row (it was NaN; the
   SSD test above runs into such rows: padded examples, no augmentation noise).
 
 No expectation depends on a random draw: the recomputations start from the
@@ -34,6 +34,7 @@ import optax
 import pytest
 
 from fedjax_sim.algorithms import losses
+from fedjax_sim.metrics import l2_normalize
 
 # ----------------------------------------------------------------------------- losses, M > 1
 
@@ -112,11 +113,11 @@ def test_l2_normalize_is_finite_at_zero_rows_and_unchanged_elsewhere():
   rng = np.random.default_rng(5)
   z = jnp.asarray(rng.normal(size=(6, 5)), jnp.float32).at[2].set(0.0)
   mask = jnp.asarray(np.arange(6) != 2)
-  out = jax.jit(losses.l2_normalize)(z)
+  out = jax.jit(l2_normalize)(z)
   ref = z / np.linalg.norm(np.float64(z), axis=-1, keepdims=True)
   np.testing.assert_allclose(np.asarray(out)[np.asarray(mask)], ref[np.asarray(mask)], rtol=1e-6)
   np.testing.assert_array_equal(np.asarray(out[2]), 0.0)
-  g = jax.grad(lambda z: jnp.sum(jnp.where(mask[:, None], losses.l2_normalize(z), 0.0) ** 3))(z)
+  g = jax.grad(lambda z: jnp.sum(jnp.where(mask[:, None], l2_normalize(z), 0.0) ** 3))(z)
   assert np.all(np.isfinite(np.asarray(g))) and np.all(np.asarray(g[2]) == 0.0)
 
 
@@ -191,7 +192,7 @@ def _restated_alignment(um, params, x_pub, others, method):
     @jax.jit
     def run(params, x_pub, others):
       for _ in range(MUSCLE_T):
-        g = jax.grad(lambda q: loss(losses.l2_normalize(um.represent({**params, **q}, x_pub)),
+        g = jax.grad(lambda q: loss(l2_normalize(um.represent({**params, **q}, x_pub)),
                                     others))({k: params[k] for k in rep})
         params = {**params, **{k: jax.tree.map(lambda a, b: a - MUSCLE_LR * b, params[k], g[k])
                                for k in rep}}
@@ -239,7 +240,7 @@ def test_fedmuscle_round_aligns_on_previous_batch_against_others_and_freezes_hea
     um = muscle["um"][p]
     # Round 0's upload: this user's matrix of round 0's batch (fine-tuning at lr 0 kept init).
     assert _close(before, _user_params(s0, alg, n)[1], rtol=0, atol=0)
-    np.testing.assert_allclose(reps1[n], losses.l2_normalize(um.represent(before, x_prev)),
+    np.testing.assert_allclose(reps1[n], l2_normalize(um.represent(before, x_prev)),
                                rtol=1e-5, atol=1e-6)
     others = reps1[[m for m in range(MUSCLE_USERS) if m != n]]
     want = _restated_alignment(um, before, x_prev, others, method)
@@ -250,7 +251,7 @@ def test_fedmuscle_round_aligns_on_previous_batch_against_others_and_freezes_hea
     assert _max_diff(after["encoder"], before["encoder"]) > 1e-4
     # The round-1 upload is round 1's batch at the aligned model.
     np.testing.assert_allclose(np.asarray(s2.server.reps[n]),
-                               losses.l2_normalize(um.represent(after, x_cur)),
+                               l2_normalize(um.represent(after, x_cur)),
                                rtol=1e-5, atol=1e-6)
     # The check can tell: this round's batch, or the user's own matrix among the
     # partners, give other models.

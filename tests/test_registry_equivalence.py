@@ -1,7 +1,7 @@
 """Every registered algorithm: the vectorized round equals the per-client loop, and 1 device
 equals 8.
 
-Parametrized over every name in ``ALGORITHMS`` and ``POOLED_ALGORITHMS``, read from the
+Parametrized over every name in the registry ``ALGORITHMS``, read from the
 registries at collection time, so an algorithm added to a registry is covered with no new test.
 Each runs a tiny experiment (:func:`experiment_config`: 12 digits clients, K = 5, MLP(16) or
 the small MODEL_ZOO pair mlp_s / mlp_m, B = 10, E = 1, 3 rounds):
@@ -44,12 +44,12 @@ import numpy as np
 import pytest
 
 from conftest import run_python, tiny_config
-from fedjax_sim.algorithms import ALGORITHMS, POOLED_ALGORITHMS
+from fedjax_sim.algorithms import ALGORITHMS, knob_defaults
 from fedjax_sim.reference import make_reference_round
 from fedjax_sim.round import cohort_layout, init_state, make_round
 from fedjax_sim.launch.experiment import build_experiment
 
-NAMES = [*ALGORITHMS, *POOLED_ALGORITHMS]
+NAMES = list(ALGORITHMS)
 ROUNDS = 3
 NUM_CLIENTS, COHORT, CHUNK = 12, 5, 2
 RTOL, ATOL = 1e-5, 1e-6
@@ -80,11 +80,15 @@ def experiment_config(name: str) -> ml_collections.ConfigDict:
   c.archs = ("mlp_s", "mlp_m")
   # FedRE and its baselines: server head batches of 4, so the server takes several SGD steps
   # (their order is part of what is compared).
-  c.fedre.dim, c.fedre.server_batch_size = 8, 4
+  knobs = knob_defaults(name)
+  if "rm" in knobs:  # the split-model methods: D = 8
+    c[name] = ml_collections.ConfigDict({"dim": 8})
+    if "server_batch_size" in knobs:
+      c[name].server_batch_size = 4
   if name in ("fedalignuniform", "fedsimclr", "ssd"):
     # SSD's disjoint DSR blocks need D >= C.
-    c.ssl = ml_collections.ConfigDict(dict(input_shape=(8, 8, 1), encoder="mlp",
-                                           encoder_hidden=(16,), dim=16, projector_hidden=16))
+    c[name] = ml_collections.ConfigDict(dict(encoder_kind="mlp", encoder_hidden=(16,), dim=16,
+                                             projector_hidden=16))
     # At client lr 0.1 this tiny SSL training is chaotic: a 1e-7 relative perturbation of the
     # initial model grows to 1e-4 after one round and 8e-2 after two (FedAlignUniform), so
     # float32 rounding alone (8 devices vs 1) would diverge. At 0.02 it stays below 1e-6.

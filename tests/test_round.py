@@ -1,5 +1,6 @@
 """The round engine: vectorized == per-client loop, chunking, padding, compile contract."""
 import jax
+import ml_collections
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -151,7 +152,8 @@ def test_fixed_local_steps(small_config):
 def test_fedprox_with_mu_zero_is_fedavg(small_config):
   small_config.algorithm = "fedavg"
   a = build_experiment(small_config)
-  small_config.algorithm, small_config.mu = "fedprox", 0.0
+  small_config.algorithm = "fedprox"
+  small_config.fedprox = ml_collections.ConfigDict({"mu": 0.0})
   b = build_experiment(small_config)
   outs = []
   for exp in (a, b):
@@ -166,7 +168,8 @@ def test_fedprox_pulls_toward_global(small_config):
   from fedjax_sim.algorithms.fedprox import proximal_term
   dists = []
   for mu in (0.0, 10.0):
-    small_config.algorithm, small_config.mu = "fedprox", mu
+    small_config.algorithm = "fedprox"
+    small_config.fedprox = ml_collections.ConfigDict({"mu": mu})
     exp = build_experiment(small_config)
     state = init_state(exp.algorithm, exp.sampler, exp.data.num_clients, seed=0)
     d = jax.tree.map(lambda a: a[0], exp.data.train)

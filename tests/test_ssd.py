@@ -7,12 +7,13 @@ import pytest
 from fedjax_sim import sampling
 from fedjax_sim.protocol import ClientInfo
 from fedjax_sim.algorithms import ALGORITHMS
-from fedjax_sim.algorithms.losses import l2_normalize, nt_xent
+from fedjax_sim.algorithms.losses import nt_xent
 from fedjax_sim.algorithms.ssd import (client_block, dsr_basis, dsr_loss, pd_loss, ssd,
                                        ssd_loss)
 from fedjax_sim.algorithms.ssl import SSLModel, align_uniform_loss, fedalignuniform, nt_xent_masked
 from fedjax_sim.augment import AugmentConfig, augment_batch, two_views
 from fedjax_sim.client_data import pack
+from fedjax_sim.metrics import l2_normalize
 from fedjax_sim.repr_metrics import (alignment, knn_accuracy, linear_probe_accuracy,
                                      make_repr_eval, uniformity)
 from fedjax_sim.round import init_state, make_mesh, make_round, replicate
@@ -219,5 +220,5 @@ def test_jitted_ssd_rounds_finite_and_eval_finite():
 def test_registered_and_dsr_rejects_too_many_clients():
   for name in ("ssd", "fedalignuniform", "fedsimclr"):
     assert name in ALGORITHMS
-  with pytest.raises(ValueError, match="raise --config.ssl.dim"):
+  with pytest.raises(ValueError, match="raise --config.<method>.dim"):
     ssd(SMALL, (8, 8, 1), num_clients=17, rounds=1)

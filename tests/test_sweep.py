@@ -26,7 +26,7 @@ def tiny_config():
                               rounds_per_call=1, chunk_size=0)
 
 
-GRID = {"client_lr": ["0.05", "0.1"], "mu": ["0", "0.01"]}
+GRID = {"client_lr": ["0.05", "0.1"], "fedprox.mu": ["0", "0.01"]}
 
 
 def assert_metrics_close(a: dict, b: dict, what: str):
@@ -49,10 +49,11 @@ def run_grid(tmp_path):
 
 def test_grid_points_and_tasks():
   cfg = tiny_config()
-  points = sw.make_points(cfg, sw.parse_grid(["client_lr=0.05,0.1", "mu=0,0.01"]), ["0", "1"])
+  points = sw.make_points(cfg, sw.parse_grid(["client_lr=0.05,0.1", "fedprox.mu=0,0.01"]),
+                          ["0", "1"])
   assert len(points) == 8 and len({p.name for p in points}) == 8
-  assert points[0].overrides == {"client_lr": 0.05, "mu": 0.0, "seed": 0}
-  assert isinstance(points[0].overrides["mu"], float)  # typed like the config field
+  assert points[0].overrides == {"client_lr": 0.05, "fedprox.mu": 0.0, "seed": 0}
+  assert isinstance(points[0].overrides["fedprox.mu"], float)  # typed like the config field
   assert sw.plan_tasks(cfg, points, vectorize=True) == [list(range(8))]
   assert sw.plan_tasks(cfg, points, vectorize=False) == [[i] for i in range(8)]
   # The partition's alpha changes data shapes: one task per alpha value.

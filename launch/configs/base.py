@@ -1,8 +1,13 @@
-"""Defaults shared by every config; a config file overrides what it needs.
+"""Engine, data and model defaults shared by every config; a config file overrides what it needs.
 
 Knob names follow the literature: E = local_epochs, B = batch_size, K =
-clients_per_round, eta_l = client_lr, eta = server_lr, tau = server_tau,
-mu = FedProx's proximal weight.
+clients_per_round, eta_l = client_lr, eta = server_lr, tau = server_tau.
+
+A method's own knobs are not here: they sit in the sub-dict named after it
+(``c.fedprox.mu``, ``c.corefed.beta``, ...), passed as keyword arguments to its
+constructor, whose signature holds the defaults
+(``fedjax_sim.launch.experiment.complete_config`` fills the sub-dict from it,
+so ``--config.<algorithm>.<knob>`` works for every knob).
 """
 import ml_collections
 
@@ -25,18 +30,6 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.server_b1 = 0.9
   c.server_b2 = 0.99
   c.server_tau = 1e-3  # FedOpt's adaptivity epsilon tau
-  c.mu = 0.01  # FedProx proximal weight
-  c.qffl_q = 1.0  # q-FFL fairness knob q (algorithms/qffl.py)
-  # CoRe-Fed knobs (algorithms/corefed.py; algorithm corefed | refed | cofed)
-  c.corefed = ml_collections.ConfigDict({
-      "tau_c": 0.07, "beta": 0.5, "gamma": 0.5, "k": 2.0, "lambda_c": 1.0, "lambda_d": 1.0,
-      "window": 0,  # tau in rounds, 0 = C // K
-      "max_age": -1,  # oldest reused update in rounds, -1 = tau - 1
-      "reference_code": False})  # True: what the official code runs (weights only)
-  # FedMDFG knobs (algorithms/fedmdfg.py): fairness angle theta in degrees (11.25 = pi/16),
-  # line-search range s, sufficient-decrease beta, strict = textbook tests instead of the code's.
-  c.fedmdfg = ml_collections.ConfigDict({"theta": 11.25, "s": 5, "beta": 1e-4, "strict": False,
-                                         "qp_iters": 1000})
   # Unequal participation (sampler availability | schedule; fedjax_sim/sampling.py)
   c.availability = ml_collections.ConfigDict({
       "distribution": "power_law", "beta_a": 1.0, "beta_b": 1.0, "power": 0.75, "seed": 0,
@@ -45,11 +38,6 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model = "mlp"
   # Model pools (model-heterogeneous algorithms): MODEL_ZOO names, clients round-robin.
   c.archs = ("mlp_s", "mlp_m", "cnn_s")
-  # FedRE (+ FedProto, FedGH, FedAllRep, LG-FedAvg, local_pools) knobs (algorithms/fedre.py)
-  c.fedre = ml_collections.ConfigDict({
-      "dim": 32, "rm": "avg", "variant": "RAP", "weights": "uniform", "resample": True,
-      "server_lr": 0.01, "server_batch_size": 32, "server_epochs": 1,
-      "server_reduction": "sum", "fedproto_lambda": 1.0})
   c.model_kwargs = ml_collections.ConfigDict({"hidden": (200, 200)})
 
   c.data = ml_collections.ConfigDict()

@@ -17,6 +17,8 @@ The k, gamma sensitivity grid (k in {0.5, 2.0}, gamma in {0.5, 2.0}) is the
 ``grid`` variant list below; ``python launch/experiments/corefed_grid.py``
 runs it (``--dataset``, ``--rounds``, ``--seeds``).
 """
+import ml_collections
+
 from fedjax_sim.launch.configs import corefed_cifar10, corefed_digits, corefed_fmnist
 
 DATASETS = {"digits": corefed_digits, "fmnist": corefed_fmnist, "cifar10": corefed_cifar10}
@@ -33,7 +35,8 @@ def get_config(arg: str = "digits:corefed"):
                      f"<{'|'.join(VARIANTS)}>.")
   c = DATASETS[dataset].get_config()
   if variant == "reference":
-    c.algorithm, c.corefed.reference_code = "corefed", True
+    c.algorithm = "corefed"
+    c.corefed = ml_collections.ConfigDict({"reference_code": True})
   else:
     c.algorithm = variant
   return c

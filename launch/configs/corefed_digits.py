@@ -4,7 +4,8 @@
 sampler, power law a_c = r_c^-0.75: the most available tenth of the clients
 joins about 6.8x as often as the least available tenth), MLP 64-200-200-10
 (embedding = the 200-d penultimate layer), E = 1, B = 10, SGD lr 0.1 decaying
-0.999 per round, 300 rounds. Knobs (``--config.corefed.*``) as in
+0.999 per round, 300 rounds. Knobs (``--config.corefed.*``; defaults in the
+signature of ``fedjax_sim.algorithms.corefed.corefed``) as in
 ``docs/decisions.md#core-fed``:
 tau_c 0.07, beta 0.5, gamma 0.5, k 2.0, window tau = C/K = 5.
 
@@ -12,7 +13,7 @@ tau_c 0.07, beta 0.5, gamma 0.5, k 2.0, window tau = C/K = 5.
   fedjax-sim run --config=launch/configs/corefed_digits.py --config.algorithm=refed  # Re-Fed
   fedjax-sim run --config=launch/configs/corefed_digits.py --config.algorithm=cofed  # Co-Fed
   fedjax-sim run --config=launch/configs/corefed_digits.py --config.corefed.reference_code=True
-  fedjax-sim run --config=launch/configs/corefed_digits.py --config.algorithm=qffl --config.qffl_q=1.0
+  fedjax-sim run --config=launch/configs/corefed_digits.py --config.algorithm=qffl --config.qffl.q=1.0
   fedjax-sim run --config=launch/configs/corefed_digits.py --config.algorithm=fedmdfg  # FedMDFG
 
 Variants: ``:smoke`` (10 rounds, seconds). The report's comparison (5 methods

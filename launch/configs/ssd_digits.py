@@ -8,7 +8,7 @@ SSD is arXiv 2508.01251 (``docs/decisions.md#ssd``). Variants (``:arg``):
 
 Pick the method with ``--config.algorithm`` (``ssd`` default, ``fedalignuniform``,
 ``fedsimclr``), the partition with ``--config.data.alpha`` (Dir(0.1) default),
-SSD's knobs with ``--config.ssl.beta/gamma/delta`` (SSD without PD:
+SSD's knobs with ``--config.ssd.beta/gamma/delta`` (SSD without PD:
 ``delta=0``; without DSR: ``gamma=0``).
 
 Entry point for results: the experiment script, which evaluates the
@@ -65,28 +65,11 @@ def get_config(arg: str = "silo"):
   c.rounds_per_call = c.eval_every
   c.checkpoint_every = c.rounds
 
-  c.ssl = ml_collections.ConfigDict()
-  c.ssl.input_shape = (8, 8, 1)
-  c.ssl.encoder = "mlp"  # mlp | cnn
-  c.ssl.encoder_hidden = (256,)
-  c.ssl.dim = 128  # D: encoder output = projector output (PD needs equal dims)
-  c.ssl.projector_hidden = 256
-  c.ssl.weight_decay = 1e-4
-  c.ssl.cosine = True
-  c.ssl.beta = 1.0  # uniformity weight
-  c.ssl.gamma = 1.0  # DSR weight
-  c.ssl.delta = 0.1  # PD weight
-  c.ssl.t = 2.0  # uniformity temperature
-  c.ssl.tau = 0.5  # NT-Xent temperature (FedSimCLR)
-  c.ssl.dsr_scale = 10.0 ** 0.5
-  c.ssl.pd_temperature = 0.5
-  c.ssl.basis_seed = 0
-  c.ssl.augment = ml_collections.ConfigDict(dict(
-      max_rotation_deg=15.0, scale_range=(0.85, 1.15), max_shift=1.0,
-      flip_prob=0.0,  # mirrored digits are other shapes; see fedjax_sim/augment.py
-      intensity_range=(0.75, 1.25), cutout_size=0, cutout_prob=0.0, noise_std=0.05))
-  # Evaluation (experiment script)
-  c.ssl.knn_k = 20
-  c.ssl.knn_t = 0.1
-  c.ssl.probe_steps = 500
+  # SSD's knobs (--config.ssd.*) are the defaults of algorithms/ssd.py's ssd() and fed_ssl()
+  # and of the encoder + projector (SSLModel): MLP encoder 64-256-128 (D = 128), projector
+  # 128-256-128, weight decay 1e-4, cosine decay, digit-safe augmentations (no flips),
+  # beta 1 (uniformity), gamma 1 (DSR), delta 0.1 (PD), t 2, DSR scale sqrt(10), PD
+  # temperature 0.5, basis seed 0. FedSimCLR's NT-Xent tau (--config.fedsimclr.tau) is 0.5.
+  # Evaluation (the experiment script): k-NN and linear-probe settings.
+  c.ssl_eval = ml_collections.ConfigDict(dict(knn_k=20, knn_t=0.1, probe_steps=500))
   return c
