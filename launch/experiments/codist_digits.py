@@ -32,7 +32,6 @@ import json
 import os
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -44,7 +43,8 @@ from fedjax_sim.algorithms.pooled import DataSpec
 from fedjax_sim.data import build_codist_data
 from fedjax_sim.launch.configs.codist_digits import get_config
 from fedjax_sim.launch.experiment import complete_config
-from fedjax_sim.round import init_state, make_mesh, make_round, replicate
+from fedjax_sim.round import make_mesh, make_round, replicate
+from fedjax_sim.simulation import simulate
 
 CAPACITY_METHODS = {  # name -> (mode, knob overrides)
     "FedAvg": ("fedavg", {}),
@@ -107,25 +107,27 @@ def run_setting(setting: str, seeds, rounds: int, methods: dict) -> dict:
       knobs = dict(alpha=c.alpha, period=c.period, steps=c.distill_steps, lr=c.distill_lr,
                    temperature=c.temperature, salt=s)
       knobs.update(over)
-      state = init_state(alg, None, spec.num_clients, seed=s)
-      state = state._replace(server=state.server._replace(
-          knobs=make_knobs(mode, **knobs), server_x=jnp.asarray(datas[s].server_sets[server])))
-      state = replicate(state, mesh)
-      curve = []
+      server_x = jnp.asarray(datas[s].server_sets[server])
+      last = {}  # the training metrics of the last call
 
-      def evaluate(r):
+      def init(state):  # the method and its server set live in the server state
+        return state._replace(server=state.server._replace(knobs=make_knobs(mode, **knobs),
+                                                           server_x=server_x))
+
+      def evaluate(r, state, train_metrics):
         ps, pl = (np.asarray(p) for p in predict(state.server, test_x))
         row = {"round": r}
         for model, pred in (("small", ps), ("large", pl)):
           for sub, m in subsets.items():
             row[f"{model}/{sub}"] = float(np.mean(pred[m] == test_y[m]))
-        curve.append(row)
+        last.update(train_metrics)
+        return row
 
-      evaluate(0)
-      for r in range(every, rounds + 1, every):
-        state, metrics = round_fn(state, trains[s], s)
-        evaluate(r)
-      kl = {k: float(np.mean(v)) for k, v in jax.device_get(metrics).items() if "distill/kl" in k}
+      run = simulate(alg, None, datas[s].fed, seed=s, rounds=rounds, rounds_per_call=every,
+                     eval_every=every, mesh=mesh, round_fn=round_fn, train=trains[s], init=init,
+                     evaluate=evaluate, diverged_hint=f" ({setting} {name}, seed {s}).")
+      curve = run.history
+      kl = {k: float(np.mean(v)) for k, v in last.items() if "distill/kl" in k}
       out["runs"].setdefault(name, {})[str(s)] = {"curve": curve, "last_kl": kl}
       print(f"{setting} {name} seed {s}: {curve[-1]} ({time.time() - t0:.1f}s)", flush=True)
   return out

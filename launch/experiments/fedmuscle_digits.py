@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from fedjax_sim.algorithms import fedmuscle as fm
@@ -37,7 +39,8 @@ from fedjax_sim.evaluation import make_evaluate
 from fedjax_sim.metrics import sample_std
 from fedjax_sim.launch.configs.fedmuscle_digits import get_config
 from fedjax_sim.launch.experiment import complete_config
-from fedjax_sim.round import init_state, make_mesh, make_round
+from fedjax_sim.round import make_mesh, make_round
+from fedjax_sim.simulation import simulate
 
 
 def user_accuracy(raw, algorithm) -> np.ndarray:
@@ -66,7 +69,8 @@ def run(cfg, log=print) -> dict:
                      task_classes=d0.aux["task_classes"], **cfg.fedmuscle,
                      client_lr=cfg.client_lr, client_momentum=cfg.client_momentum,
                      batch_size=cfg.batch_size, epochs=cfg.local_epochs)
-  round_fn = make_round(alg, seed=None, mesh=mesh, rounds_per_call=cfg.rounds_per_call)
+  rpc = math.gcd(cfg.rounds_per_call, cfg.rounds)  # calls end on the last round
+  round_fn = make_round(alg, seed=None, mesh=mesh, rounds_per_call=rpc)
   evaluate = make_evaluate(alg)
   num_users = cfg.data.num_clients
   out = {"config": cfg.to_dict(), "public_idx": d0.aux["public_idx"].tolist(),
@@ -75,16 +79,21 @@ def run(cfg, log=print) -> dict:
   for seed in cfg.seeds:
     data = datas[seed]
     for method in cfg.methods:
-      state = init_state(alg, None, num_users, seed=seed, mesh=mesh)
-      state = fm.set_method(fm.with_tasks(state, alg, data.aux["tasks"]), method)
-      curve, t0 = [], time.time()
-      while int(state.round) < cfg.rounds:
-        state, metrics = round_fn(state, data.train, seed)
-        raw = evaluate(state.server, state.clients, data.test, None, None)
-        acc = user_accuracy(raw, alg)
-        curve.append({"round": int(state.round), "acc": acc.tolist(),
-                      "train_loss": float(np.mean(metrics["loss"])),
-                      "align_loss": float(np.mean(metrics["align_loss"]))})
+      t0 = time.time()
+
+      def evaluate_row(r, state, train_metrics):  # after every call
+        acc = user_accuracy(evaluate(state.server, state.clients, data.test, None, None), alg)
+        # Loss means by XLA (jnp), as the report's numbers were computed.
+        return {"round": r, "acc": acc.tolist(),
+                "train_loss": float(jnp.mean(train_metrics["loss"])),
+                "align_loss": float(jnp.mean(train_metrics["align_loss"]))}
+
+      # The method and every user's task live in the state: one program for all runs.
+      init = lambda st: fm.set_method(fm.with_tasks(st, alg, data.aux["tasks"]), method)
+      curve = simulate(alg, None, data, seed=seed, rounds=cfg.rounds, rounds_per_call=rpc,
+                       eval_every=rpc, mesh=mesh, round_fn=round_fn, init=init,
+                       evaluate=evaluate_row, eval_initial=False,
+                       diverged_hint=f" ({method}, seed {seed}).").history
       wall = time.time() - t0
       out["runs"][f"{method}/{seed}"] = {"curve": curve, "wall_s": wall}
       log(f"seed {seed} {method:9s} acc {np.mean(curve[-1]['acc']):.4f} "
