@@ -19,8 +19,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_sim.protocol import (FederatedAlgorithm, client_optimizer, local_train,
-                                 masked_cross_entropy, tree_weighted_mean)
+from fedjax_sim.protocol import (FederatedAlgorithm, LocalSpec, client_optimizer,
+                                 client_update_from_local, masked_cross_entropy,
+                                 tree_weighted_mean)
 from fedjax_sim.algorithms.optimizers import scale_by_rss_outer_eps, server_optimizer  # noqa: F401
 from fedjax_sim.algorithms.registry import register
 
@@ -48,7 +49,9 @@ def fedavg(apply_fn: Callable, init_params: Callable[[jax.Array], Any], *,
     local_loss: ``(params, global_params, x, y, mask) -> scalar``; default is
       masked cross-entropy (FedProx adds its proximal term here).
 
-  Upload: the client's pseudo-gradient x_global - x_k (same pytree as params).
+  Upload: the client's pseudo-gradient x_global - x_k (same pytree as params). The client
+  update is in step form (``FederatedAlgorithm.local``), so it also runs under the streaming
+  schedule.
   """
   def ce_loss(params, global_params, x, y, mask):
     del global_params
@@ -60,14 +63,19 @@ def fedavg(apply_fn: Callable, init_params: Callable[[jax.Array], Any], *,
     params = init_params(rng)
     return ServerState(params, server_opt.init(params))
 
-  def client_update(server_state, client_state, data, rng, info):
-    g = server_state.params
-    loss = lambda p, x, y, m, r: local_loss(p, g, x, y, m)
-    opt = client_optimizer(client_lr, client_momentum, lr_decay, info.round)
-    res = local_train(loss, g, opt, data, rng, epochs=epochs, batch_size=batch_size,
-                      local_steps=local_steps)
-    delta = jax.tree.map(lambda a, b: a - b, g, res.params)
-    return delta, client_state, res.metrics
+  def begin(server_state, client_state, data, rng, info):
+    del client_state, data, rng, info
+    return server_state.params, server_state.params  # start at, and the loss sees, x_global
+
+  def finish(server_state, client_state, global_params, params, metrics, data, info):
+    del server_state, data, info
+    delta = jax.tree.map(lambda a, b: a - b, global_params, params)
+    return delta, client_state, metrics
+
+  local = LocalSpec(
+      begin=begin, loss=lambda p, g, x, y, m, r: local_loss(p, g, x, y, m),
+      optimizer=lambda info: client_optimizer(client_lr, client_momentum, lr_decay, info.round),
+      finish=finish, epochs=epochs, batch_size=batch_size, local_steps=local_steps)
 
   def server_update(server_state, uploads, weights, info, rng):
     del info, rng
@@ -77,8 +85,9 @@ def fedavg(apply_fn: Callable, init_params: Callable[[jax.Array], Any], *,
     return ServerState(params, opt_state), {"update_norm": optax.global_norm(delta)}
 
   return FederatedAlgorithm(
-      name=name, init=init, init_client=lambda rng: (), client_update=client_update,
-      server_update=server_update, eval_params=lambda s, c: s.params, apply_fn=apply_fn)
+      name=name, init=init, init_client=lambda rng: (),
+      client_update=client_update_from_local(local), server_update=server_update,
+      eval_params=lambda s, c: s.params, apply_fn=apply_fn, local=local)
 
 
 @register("fedavg", fedavg, fixed=("local_loss",))

@@ -114,6 +114,9 @@ class FederatedAlgorithm(NamedTuple):
       questions after the uploads, inside the same jitted round (e.g.
       FedMDFG asks each client's loss at candidate models). Single-pool
       algorithms only.
+    local: optional :class:`LocalSpec`, the client update in step form
+      (``client_update`` is then ``client_update_from_local(local)``); needed
+      by the streaming schedule (``make_round(..., schedule="stream")``).
   """
   name: str
   init: Callable[[jax.Array], PyTree]
@@ -127,6 +130,7 @@ class FederatedAlgorithm(NamedTuple):
   pools: tuple = ()
   evaluate: Optional[Callable[..., dict]] = None
   client_query: Optional[Callable[..., Any]] = None
+  local: Optional["LocalSpec"] = None
 
 
 def masked_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
@@ -152,6 +156,102 @@ def num_local_steps(num_examples: jax.Array, *, epochs: int, batch_size: int,
   return jnp.where(num_examples > 0, steps, 0).astype(jnp.int32)
 
 
+class LocalPlan(NamedTuple):
+  """ONE client's batch schedule for local training (see :func:`local_plan`)."""
+  perms: jax.Array  # int32 [E', N]: per epoch, real rows in random order, padding rows last
+  loss_key: jax.Array  # PRNG key; step s's loss gets fold_in(loss_key, s)
+  num_examples: jax.Array  # int32 []: n, real examples
+  steps: jax.Array  # int32 []: steps this client takes (num_local_steps)
+
+
+class LocalCarry(NamedTuple):
+  """The state local SGD carries from one step to the next (ONE client)."""
+  params: PyTree
+  opt_state: PyTree
+  loss_sum: jax.Array  # float32 []: sum of the minibatch losses so far
+  useful: jax.Array  # int32 []: real examples trained so far
+
+
+def local_plan(data: ClientData, rng: jax.Array, *, epochs: int, batch_size: int,
+               local_steps: int = 0) -> LocalPlan:
+  """The batch order of ONE client: one random permutation per epoch.
+
+  Epoch e's order is drawn with ``fold_in(shuffle_key, e)`` where
+  ``shuffle_key, loss_key = split(rng)``; row i's score depends only on (key,
+  epoch, i), not on N, so padding never changes the order.
+
+  Args:
+    data: one client's ClientData slice (x [N, ...], y [N], mask [N], num_examples []).
+    rng: the client's key.
+    epochs, batch_size, local_steps: as :func:`local_train`.
+
+  Raises:
+    ValueError: N is not a multiple of ``batch_size``.
+  """
+  n_rows = data.y.shape[0]
+  if n_rows % batch_size:
+    raise ValueError(f"client arrays have N={n_rows} rows, not a multiple of batch_size="
+                     f"{batch_size}; pack with multiple=batch_size.")
+  n = data.num_examples
+  steps = num_local_steps(n, epochs=epochs, batch_size=batch_size, local_steps=local_steps)
+  num_perms = local_steps if local_steps > 0 else epochs
+  shuffle_key, loss_key = jax.random.split(rng)
+
+  def epoch_perm(e):
+    # Real rows first in random order, padding rows last.
+    ekey = jax.random.fold_in(shuffle_key, e)
+    scores = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(ekey, i)))(
+        jnp.arange(n_rows))
+    return jnp.argsort(jnp.where(data.mask, scores, 2.0)).astype(jnp.int32)
+
+  perms = jax.vmap(epoch_perm)(jnp.arange(num_perms))  # [E', N]
+  return LocalPlan(perms, loss_key, n, steps)
+
+
+def local_batch(plan: LocalPlan, s: jax.Array, batch_size: int) -> tuple[jax.Array, jax.Array]:
+  """Rows of step ``s``: (idx int32 [B], bmask bool [B]); the last batch of an epoch may be
+  partial (bmask False on its padded rows)."""
+  n = plan.num_examples
+  per_epoch = jnp.maximum((n + batch_size - 1) // batch_size, 1)
+  num_perms = plan.perms.shape[0]
+  epoch, pos = s // per_epoch, s % per_epoch
+  start = pos * batch_size
+  idx = jax.lax.dynamic_slice(plan.perms[epoch % num_perms], (start,), (batch_size,))
+  bmask = (start + jnp.arange(batch_size)) < n
+  return idx, bmask
+
+
+def local_step(loss_fn: Callable[..., jax.Array], optimizer: optax.GradientTransformation,
+               carry: LocalCarry, x: jax.Array, y: jax.Array, bmask: jax.Array,
+               rng: jax.Array) -> LocalCarry:
+  """One SGD step of ONE client: the arithmetic :func:`local_train`'s loop and the streaming
+  schedule (:mod:`fedjax_sim.stream`) share.
+
+  Args:
+    loss_fn: ``(params, x [B, ...], y int32 [B], mask bool [B], rng) -> scalar``.
+    optimizer: the client optimizer.
+    carry: the client's :class:`LocalCarry`.
+    x, y, bmask: the step's batch ([B, ...], int32 [B], bool [B]).
+    rng: the step's loss key (``fold_in(plan.loss_key, s)``).
+  """
+  loss, grads = jax.value_and_grad(loss_fn)(carry.params, x, y, bmask, rng)
+  updates, opt_state = optimizer.update(grads, carry.opt_state, carry.params)
+  return LocalCarry(optax.apply_updates(carry.params, updates), opt_state,
+                    carry.loss_sum + loss, carry.useful + jnp.sum(bmask))
+
+
+def local_metrics(carry: LocalCarry, steps: jax.Array, batch_size: int) -> dict:
+  """float32 scalars ``loss`` (mean minibatch loss), ``steps``, ``useful_examples``,
+  ``batch_slots`` (steps * B) of a finished client."""
+  stepsf = steps.astype(jnp.float32)
+  return {
+      "loss": carry.loss_sum / jnp.maximum(stepsf, 1.0),
+      "steps": stepsf,
+      "useful_examples": carry.useful.astype(jnp.float32),
+      "batch_slots": stepsf * batch_size,
+  }
+
+
 def local_train(loss_fn: Callable[..., jax.Array], params: PyTree,
                 optimizer: optax.GradientTransformation, data: ClientData, rng: jax.Array, *,
                 epochs: int = 1, batch_size: int = 10, local_steps: int = 0) -> LocalTrainResult:
@@ -162,7 +262,8 @@ def local_train(loss_fn: Callable[..., jax.Array], params: PyTree,
   partial (its padded rows are masked out of the loss). The loop trip count is
   the client's own step count, so under ``vmap`` a chunk of clients costs the
   largest member's steps; padded steps never run for a lone client and are
-  inert under ``vmap`` (``while_loop`` selects the old carry).
+  inert under ``vmap`` (``while_loop`` selects the old carry). Each step is
+  :func:`local_step` on the batch :func:`local_batch` picks from :func:`local_plan`.
 
   Args:
     loss_fn: ``(params, x [B, ...], y int32 [B], mask bool [B], rng) -> scalar``.
@@ -178,48 +279,61 @@ def local_train(loss_fn: Callable[..., jax.Array], params: PyTree,
   Returns:
     LocalTrainResult(params, metrics) with float32 scalars ``loss`` (mean
     minibatch loss), ``steps``, ``useful_examples`` and ``batch_slots`` (steps * B).
+
+  Raises:
+    ValueError: N is not a multiple of ``batch_size``.
   """
-  n_rows = data.y.shape[0]
-  if n_rows % batch_size:
-    raise ValueError(f"client arrays have N={n_rows} rows, not a multiple of batch_size="
-                     f"{batch_size}; pack with multiple=batch_size.")
-  n = data.num_examples
-  per_epoch = jnp.maximum((n + batch_size - 1) // batch_size, 1)
-  steps = num_local_steps(n, epochs=epochs, batch_size=batch_size, local_steps=local_steps)
-  num_perms = local_steps if local_steps > 0 else epochs
-  shuffle_key, loss_key = jax.random.split(rng)
-
-  def epoch_perm(e):
-    # Real rows first in random order, padding rows last. Row i's score depends
-    # only on (key, epoch, i), not on N, so padding never changes the order.
-    ekey = jax.random.fold_in(shuffle_key, e)
-    scores = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(ekey, i)))(
-        jnp.arange(n_rows))
-    return jnp.argsort(jnp.where(data.mask, scores, 2.0)).astype(jnp.int32)
-
-  perms = jax.vmap(epoch_perm)(jnp.arange(num_perms))  # [E, N]
-  grad_fn = jax.value_and_grad(loss_fn)
+  plan = local_plan(data, rng, epochs=epochs, batch_size=batch_size, local_steps=local_steps)
 
   def body(s, carry):
-    p, opt_state, loss_sum, useful = carry
-    epoch, pos = s // per_epoch, s % per_epoch
-    start = pos * batch_size
-    idx = jax.lax.dynamic_slice(perms[epoch % num_perms], (start,), (batch_size,))
-    bmask = (start + jnp.arange(batch_size)) < n
-    loss, grads = grad_fn(p, data.x[idx], data.y[idx], bmask, jax.random.fold_in(loss_key, s))
-    updates, opt_state = optimizer.update(grads, opt_state, p)
-    return (optax.apply_updates(p, updates), opt_state, loss_sum + loss,
-            useful + jnp.sum(bmask))
+    idx, bmask = local_batch(plan, s, batch_size)
+    return local_step(loss_fn, optimizer, carry, data.x[idx], data.y[idx], bmask,
+                      jax.random.fold_in(plan.loss_key, s))
 
-  init = (params, optimizer.init(params), jnp.float32(0.0), jnp.int32(0))
-  params, _, loss_sum, useful = jax.lax.fori_loop(0, steps, body, init)
-  stepsf = steps.astype(jnp.float32)
-  return LocalTrainResult(params, {
-      "loss": loss_sum / jnp.maximum(stepsf, 1.0),
-      "steps": stepsf,
-      "useful_examples": useful.astype(jnp.float32),
-      "batch_slots": stepsf * batch_size,
-  })
+  init = LocalCarry(params, optimizer.init(params), jnp.float32(0.0), jnp.int32(0))
+  carry = jax.lax.fori_loop(0, plan.steps, body, init)
+  return LocalTrainResult(carry.params, local_metrics(carry, plan.steps, batch_size))
+
+
+class LocalSpec(NamedTuple):
+  """Client work in step form: the engine owns local training, the algorithm supplies the
+  loss and its pre- and post-processing.
+
+  :func:`client_update_from_local` turns it into an ordinary ``client_update``
+  (``begin``, :func:`local_train`, ``finish``), so a step-form algorithm runs
+  under every schedule; the streaming schedule (``make_round(...,
+  schedule="stream")``, :mod:`fedjax_sim.stream`) calls the pieces itself and
+  runs :func:`local_step` one step at a time in W vmapped slots.
+
+  Attributes:
+    begin: ``(broadcast, client_state, data, rng, info) -> (params0, aux)``:
+      the starting params and a per-client pytree the loss needs (e.g.
+      FedProx's global params; ``()`` if none), for ONE client.
+    loss: ``(params, aux, x [B, ...], y int32 [B], mask bool [B], rng) -> scalar``.
+    optimizer: ``info -> optax.GradientTransformation`` (state fresh per round).
+    finish: ``(broadcast, client_state, aux, params, train_metrics, data, info)
+      -> (upload, client_state, metrics)``; ``params`` are the trained params,
+      ``train_metrics`` :func:`local_metrics`'s dict.
+    epochs: E.  batch_size: B.  local_steps: fixed steps instead of epochs (> 0).
+  """
+  begin: Callable[..., tuple[PyTree, PyTree]]
+  loss: Callable[..., jax.Array]
+  optimizer: Callable[[ClientInfo], optax.GradientTransformation]
+  finish: Callable[..., tuple[PyTree, PyTree, dict]]
+  epochs: int = 1
+  batch_size: int = 10
+  local_steps: int = 0
+
+
+def client_update_from_local(spec: LocalSpec) -> Callable[..., tuple[PyTree, PyTree, dict]]:
+  """The ordinary ``client_update`` of a :class:`LocalSpec`: begin, local_train, finish."""
+  def client_update(broadcast, client_state, data, rng, info):
+    params0, aux = spec.begin(broadcast, client_state, data, rng, info)
+    res = local_train(lambda p, x, y, m, r: spec.loss(p, aux, x, y, m, r), params0,
+                      spec.optimizer(info), data, rng, epochs=spec.epochs,
+                      batch_size=spec.batch_size, local_steps=spec.local_steps)
+    return spec.finish(broadcast, client_state, aux, res.params, res.metrics, data, info)
+  return client_update
 
 
 def tree_weighted_mean(tree: PyTree, weights: jax.Array) -> PyTree:

@@ -32,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fedjax_sim.protocol import ClientInfo, FederatedAlgorithm, ServerInfo
 from fedjax_sim.client_data import ClientData
-from fedjax_sim import sampling, seeding
+from fedjax_sim import sampling, seeding, stream
 from fedjax_sim.sampling import Sampler
 
 CLIENTS_AXIS = "clients"
@@ -132,7 +132,7 @@ def make_round(algorithm: FederatedAlgorithm, sampler: Optional[Sampler] = None,
                seed: Optional[int],
                mesh: Optional[Mesh] = None, chunk_size: Optional[int] = None,
                rounds_per_call: int = 1, sort_by_size: bool = True, donate: bool = True,
-               jit: bool = True):
+               jit: bool = True, schedule: str = "chunked", slots: Optional[int] = None):
   """Builds the jitted round function.
 
   Args:
@@ -154,6 +154,11 @@ def make_round(algorithm: FederatedAlgorithm, sampler: Optional[Sampler] = None,
     sort_by_size: order the cohort by size before chunking.
     donate: donate the input state's buffers.
     jit: False returns the un-jitted function (for tests and tracing).
+    schedule: ``"chunked"`` (size-sorted chunks, ``lax.map`` over chunks) or
+      ``"stream"`` (clients stream through ``slots`` vmapped slots in one
+      ``while_loop``, :mod:`fedjax_sim.stream`; single-model algorithms with
+      ``local``, one device; ``chunk_size`` is then unused).
+    slots: W for ``schedule="stream"`` (default ``min(K, stream.DEFAULT_SLOTS)``).
 
   Returns:
     ``round_fn(state: SimState, data: ClientData [C, N, ...]) -> (SimState,
@@ -162,7 +167,11 @@ def make_round(algorithm: FederatedAlgorithm, sampler: Optional[Sampler] = None,
     metrics averaged with example weights (``loss``, ...; per pool also
     ``<pool>/loss``), ``server/...`` metrics, ``padding_efficiency`` (useful
     / processed examples, when clients report ``useful_examples`` and
-    ``batch_slots``).
+    ``batch_slots``; streamed: useful / (slot-steps x B)).
+
+  Raises:
+    ValueError: an unknown ``schedule``, or ``schedule="stream"`` for an
+      algorithm or mesh it does not support (see :mod:`fedjax_sim.stream`).
   """
   mesh = mesh or make_mesh()
   devices = mesh.devices.size
@@ -181,6 +190,12 @@ def make_round(algorithm: FederatedAlgorithm, sampler: Optional[Sampler] = None,
     if sampler is None:
       raise ValueError("make_round needs a sampler for a single-pool algorithm.")
     plans, names = [plan(algorithm.client_update, None, sampler)], [""]
+  if schedule not in ("chunked", "stream"):
+    raise ValueError(f"schedule={schedule!r}; use 'chunked' or 'stream'.")
+  stream_phase = None
+  if schedule == "stream":
+    stream_phase = stream.make_stream_phase(algorithm, sampler, slots=slots,
+                                            num_devices=devices, sort_by_size=sort_by_size)
 
   def sharded_block(pl: _PoolPlan, client_fn):
     """``client_fn(shared, cstate, data, rng, info)`` over the cohort, sharded and chunked."""
@@ -257,10 +272,15 @@ def make_round(algorithm: FederatedAlgorithm, sampler: Optional[Sampler] = None,
     pool_states = state.clients if pooled else (state.clients,)
     sampler_states = state.sampler if pooled else (state.sampler,)
     # A pool's cohort key depends on its name, not its position (seeding.pool_sample_key).
-    outs = [pool_phase(pl, blk, bcast, cs, ss, data,
-                       seeding.pool_sample_key(k_sample, nm) if pooled else k_sample,
-                       k_clients, state.round)
-            for pl, blk, cs, ss, nm in zip(plans, blocks, pool_states, sampler_states, names)]
+    if stream_phase is not None:
+      *out, streamed_slots = stream_phase(bcast, state.clients, state.sampler, data, k_sample,
+                                          k_clients, state.round)
+      outs = [out]
+    else:
+      outs = [pool_phase(pl, blk, bcast, cs, ss, data,
+                         seeding.pool_sample_key(k_sample, nm) if pooled else k_sample,
+                         k_clients, state.round)
+              for pl, blk, cs, ss, nm in zip(plans, blocks, pool_states, sampler_states, names)]
     uploads, weights, infos, new_clients, new_samplers, cmetrics = map(tuple, zip(*outs))
     if pooled:
       server, smetrics = algorithm.server_update(state.server, uploads, weights, infos, k_server)
@@ -283,8 +303,11 @@ def make_round(algorithm: FederatedAlgorithm, sampler: Optional[Sampler] = None,
     have_pad = all("useful_examples" in m and "batch_slots" in m for m in cmetrics)
     if have_pad:
       for pl, m in zip(plans, cmetrics):
-        slots = m["batch_slots"].reshape(-1, pl.layout.chunk)
-        processed += jnp.sum(jnp.max(slots, axis=1)) * pl.layout.chunk
+        if stream_phase is not None:
+          processed += streamed_slots
+        else:
+          batch_slots = m["batch_slots"].reshape(-1, pl.layout.chunk)
+          processed += jnp.sum(jnp.max(batch_slots, axis=1)) * pl.layout.chunk
         useful += jnp.sum(m["useful_examples"])
       metrics["padding_efficiency"] = useful / jnp.maximum(processed, 1.0)
       metrics["useful_examples"] = useful
