@@ -16,8 +16,8 @@ import jax.numpy as jnp
 from fedjax_sim.protocol import FederatedAlgorithm, tree_weighted_mean
 from fedjax_sim.algorithms import rm as rm_lib
 from fedjax_sim.algorithms.fedre import ServerState as HeadState
-from fedjax_sim.algorithms.head_training import (register_split_model, replace_head_client, split_kw,
-                                                 valid_slots)
+from fedjax_sim.algorithms.head_training import (register_split_model, replace_head_client,
+                                                 split_kw, valid_slots)
 
 def lg_fedavg(archs: Sequence[str], spec: Any, clients_per_round: int, *, client_ids=None,
               dim: int = 32, rm: str = "avg", **kw) -> FederatedAlgorithm:

@@ -72,8 +72,8 @@ class Encoder(nn.Module):
       z = nn.relu(nn.Conv(64, (3, 3), strides=(2, 2), padding="SAME")(z))
       z = z.reshape((z.shape[0], -1))
     else:
-      raise ValueError(f"unknown encoder kind '{self.kind}'; set --config.<method>.encoder_kind to mlp "
-                       "or cnn.")
+      raise ValueError(f"unknown encoder kind '{self.kind}'; set "
+                       "--config.<algorithm>.encoder_kind to mlp or cnn.")
     return nn.relu(nn.Dense(self.dim)(z))
 
 

@@ -130,7 +130,8 @@ def validate_config(cfg) -> None:
   valid = registry.knob_defaults(cfg.algorithm)
   extra = sorted(set(knobs) - set(valid))
   need(not extra, f"{cfg.algorithm} has no knob {', '.join(extra)}; its knobs are "
-       f"{', '.join(sorted(valid)) or 'none'}; remove --config.{cfg.algorithm}.{extra[0] if extra else ''}.")
+       f"{', '.join(sorted(valid)) or 'none'}; remove "
+       f"--config.{cfg.algorithm}.{extra[0] if extra else ''}.")
   need(cfg.model in models.MODELS, f"unknown model '{cfg.model}'; set --config.model to one of "
        f"{', '.join(sorted(models.MODELS))}.")
   optimizers = ("sgd", "adam", "yogi", "adagrad")  # fedjax_sim.algorithms.server_optimizer
