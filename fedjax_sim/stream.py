@@ -160,8 +160,15 @@ def make_stream_phase(algorithm: FederatedAlgorithm, sampler: Sampler, *,
       done = finishing(sl)
       free = (sl.q >= k) | done
       outs = jax.vmap(finish)(sl)
-      dest = jnp.where(done, sl.q, k)  # idle or running slots write nothing (dropped)
-      out = jax.tree.map(lambda buf, u: buf.at[dest].set(u, mode="drop"), c.out, outs)
+      # One dynamic_update_slice per slot (row-sized, in place); a slot that finishes nothing
+      # rewrites its row's current value.
+      dest = jnp.minimum(sl.q, k - 1)
+      out = c.out
+      for i in range(w):
+        def put(buf, u, i=i):
+          row = jnp.where(done[i], u[i], jax.lax.dynamic_index_in_dim(buf, dest[i], 0, False))
+          return jax.lax.dynamic_update_index_in_dim(buf, row, dest[i], 0)
+        out = jax.tree.map(put, out, outs)
       newq = c.next_q + jnp.cumsum(free.astype(jnp.int32)) - 1
       take = free & (newq < k)
       loaded = jax.vmap(load)(jnp.minimum(newq, k - 1))
