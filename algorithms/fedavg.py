@@ -57,6 +57,7 @@ def fedavg(apply_fn: Callable, init_params: Callable[[jax.Array], Any], *,
     del global_params
     return masked_cross_entropy(apply_fn(params, x), y, mask)
 
+  needs_global = local_loss is not None  # the default loss ignores x_global: no per-client copy
   local_loss = local_loss or ce_loss
 
   def init(rng):
@@ -65,15 +66,17 @@ def fedavg(apply_fn: Callable, init_params: Callable[[jax.Array], Any], *,
 
   def begin(server_state, client_state, data, rng, info):
     del client_state, data, rng, info
-    return server_state.params, server_state.params  # start at, and the loss sees, x_global
+    g = server_state.params  # start at x_global; a custom loss also sees it (aux)
+    return g, (g if needs_global else ())
 
-  def finish(server_state, client_state, global_params, params, metrics, data, info):
-    del server_state, data, info
-    delta = jax.tree.map(lambda a, b: a - b, global_params, params)
+  def finish(server_state, client_state, aux, params, metrics, data, info):
+    del aux, data, info
+    delta = jax.tree.map(lambda a, b: a - b, server_state.params, params)
     return delta, client_state, metrics
 
   local = LocalSpec(
-      begin=begin, loss=lambda p, g, x, y, m, r: local_loss(p, g, x, y, m),
+      begin=begin,
+      loss=lambda p, aux, x, y, m, r: local_loss(p, aux if needs_global else None, x, y, m),
       optimizer=lambda info: client_optimizer(client_lr, client_momentum, lr_decay, info.round),
       finish=finish, epochs=epochs, batch_size=batch_size, local_steps=local_steps)
 
