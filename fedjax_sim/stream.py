@@ -43,7 +43,7 @@ from fedjax_sim.protocol import (ClientInfo, FederatedAlgorithm, LocalCarry, Loc
                                  ServerInfo, local_batch, local_metrics, local_plan, local_step)
 from fedjax_sim.sampling import Sampler
 
-DEFAULT_SLOTS = 20  # provisional (issue 16's sketch measured W=20 at K=100); not yet tuned
+DEFAULT_SLOTS = 10  # the fastest W of bench/STREAM.md (digits, K=20 and 100); provisional
 
 
 class _Slot(NamedTuple):
