@@ -17,10 +17,9 @@ from fedjax_sim.data.registry import (DATASETS, PARTITIONERS, DatasetError, Part
                                       register_dataset, register_partitioner)
 from fedjax_sim.data.partitioners import partition, train_test_split_clients
 from fedjax_sim.data.federated import FederatedData
-from fedjax_sim.data.pipeline import build_federated_data
+from fedjax_sim.data.pipeline import build_federated_data  # registers synthetic
 from fedjax_sim.data.sources import Dataset, load, load_digits, load_tfds, synthetic_leaf
-from fedjax_sim.data import multitask, server_sets  # noqa: F401  (register their datasets)
-from fedjax_sim.data.multitask import TASK_NAMES, TASKS, build_multitask_digits
+from fedjax_sim.data.multitask import TASK_NAMES, TASKS, build_multitask_digits  # registers it
 from fedjax_sim.data.server_sets import CodistData, build_codist_data, server_holdout
 
 __all__ = [
