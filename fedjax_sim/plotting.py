@@ -7,6 +7,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def _legend(ax) -> None:
+  """A legend when the axis has labeled lines (none: no matplotlib warning)."""
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend()
+
+
 def plot_history(history: list[dict], path: str, title: str = "") -> None:
   """Plots test accuracy, loss and per-client accuracy spread against rounds."""
   if not history:
@@ -33,17 +39,18 @@ def plot_history(history: list[dict], path: str, title: str = "") -> None:
     axes[0].plot(rounds, mean, label="client accuracy (mean)")
     axes[0].plot(rounds, worst, "--", label="client accuracy (worst 10%)")
   axes[0].set(xlabel="round", ylabel="accuracy", title="accuracy")
-  axes[0].legend()
+  _legend(axes[0])
   for key, label in (("train_loss", "train loss (clients)"), ("test_loss", "test loss")):
-    if key in history[0]:
-      axes[1].plot(rounds, [r[key] for r in history], label=label)
+    rows = [r for r in history if key in r]  # training metrics start after round 0
+    if rows:
+      axes[1].plot([r["round"] for r in rows], [r[key] for r in rows], label=label)
   axes[1].set(xlabel="round", ylabel="cross-entropy", title="loss")
-  axes[1].legend()
+  _legend(axes[1])
   if "client_acc_std" in history[0]:
     axes[2].plot(rounds, [r["client_acc_std"] for r in history], label="client accuracy std")
     axes[2].plot(rounds, [r["d_cosine"] for r in history], label="D_Cosine (rad)")
   axes[2].set(xlabel="round", title="fairness")
-  axes[2].legend()
+  _legend(axes[2])
   for ax in axes:
     ax.grid(alpha=0.3)
   fig.suptitle(title)

@@ -199,6 +199,11 @@ def config_from_argv(argv: Sequence[str]) -> ConfigDict:
         example = next(k for k in keys if k.startswith(key + "."))
         raise UsageError(f"{a}: config.{key} is a group of settings; set its keys one at a "
                          f"time, e.g. --config.{example}={keys[example]!r}.")
+      from fedjax_sim.algorithms import ALGORITHMS
+      method = key.split(".", 1)[0]
+      if "." in key and method in ALGORITHMS and method != cfg.algorithm:
+        raise UsageError(f"{a}: {key} is a knob of algorithm '{method}', but the config runs "
+                         f"'{cfg.algorithm}'; add --config.algorithm={method}.")
       near = closest_key(key, list(keys))
       raise UsageError(f"unknown config key '{key}' in {a}; the closest valid key is "
                        f"--config.{near} (now {keys[near]!r}); the keys are those of "
@@ -390,16 +395,28 @@ def cli(argv: Optional[Sequence[str]] = None) -> None:
     print(text, end="")
     sys.exit(0)
   try:
-    config_from_argv(argv)  # the same parse --config does below, with one-line errors
+    cfg = config_from_argv(argv)  # the file, the method's knobs completed, the overrides
   except UsageError as err:
     _fail(err, 2)
+  # The parsed config becomes the --config flag (its --config.<key> overrides re-apply the
+  # same values), so the method's knob sub-dict that config_from_argv completed is kept.
+  rest, skip = [], False
+  for i, a in enumerate(argv):
+    if skip:
+      skip = False
+      continue
+    m = _CONFIG_ARG.match(a) if i else None
+    if m:
+      skip = m.group(1) != "="  # --config <file>: drop the file too
+      continue
+    rest.append(a)
   try:
-    config_flags.DEFINE_config_file(
-        "config", DEFAULT_CONFIG, "Python config file (get_config), optionally <file>:<arg> "
-        "for a variant such as :smoke.", lock_config=True, sys_argv=argv)
+    config_flags.DEFINE_config_dict("config", cfg, "The run config (--config=<file>[:<arg>] "
+                                    "and its --config.<key> overrides).", lock_config=True,
+                                    sys_argv=rest)
   except Exception as err:  # checked above; kept to one line should ml_collections disagree
     _fail(f"--config: {err}", 2)
-  app.run(main, argv=argv, flags_parser=_parse_flags)
+  app.run(main, argv=rest, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":
