@@ -34,9 +34,12 @@ __all__ = ["Experiment", "build_algorithm", "build_context", "build_experiment",
 
 
 def _config_value(v):
-  """A knob default as a config value (dataclasses such as AugmentConfig become sub-dicts)."""
+  """A knob default as a config value (a dataclass or NamedTuple of settings, such as
+  ``AugmentConfig``, becomes a sub-dict)."""
   if dataclasses.is_dataclass(v) and not isinstance(v, type):
     return ml_collections.ConfigDict(dataclasses.asdict(v))
+  if isinstance(v, tuple) and hasattr(v, "_asdict"):
+    return ml_collections.ConfigDict(v._asdict())
   return v
 
 

@@ -46,7 +46,7 @@ import ml_collections
 import numpy as np
 
 from fedjax_sim.client_data import pad_examples
-from fedjax_sim import evaluation, models, sampling
+from fedjax_sim import evaluation
 from fedjax_sim.checkpoint import Checkpointer
 from fedjax_sim.round import init_state, make_mesh, make_round
 from fedjax_sim.simulation import run_rounds, train_fields

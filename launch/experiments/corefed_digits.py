@@ -2,11 +2,12 @@
 
 Every run is ``launch/configs/corefed_digits.py`` (100 clients, Dir(0.5), 20
 per round, power-law availability) with ``algorithm`` and ``seed`` set, built
-by ``fedjax_sim.launch.experiment.build_experiment`` and trained with ``round.make_round``;
-evaluation is ``evaluation.make_evaluate`` + ``summarize`` (global test
+by ``fedjax_sim.launch.experiment.build_experiment`` and trained by
+``simulation.simulate`` (the engine's loop; no files) with this report's
+evaluation: ``evaluation.make_evaluate`` + ``summarize`` (global test
 accuracy, per-client accuracy on each client's own test split, D_Cosine,
-D_Manhattan, ...) plus ``metrics.make_representation_eval`` (representation
-disparity of the global model over all 100 clients' training splits).
+D_Manhattan, ...) plus ``repr_metrics.make_repr_eval(..., metrics=("disparity",))``
+(representation disparity of the global model over all 100 clients' training splits).
 
   python launch/experiments/corefed_digits.py                      # the report (~15 min)
   python launch/experiments/corefed_digits.py --rounds 20 --seeds 0 --out /tmp/x  # smoke
@@ -32,13 +33,12 @@ import json
 import os
 import time
 
-import jax
+import ml_collections
 import numpy as np
 
-from fedjax_sim import evaluation, metrics, sampling
+from fedjax_sim import evaluation, repr_metrics, sampling, simulation
 from fedjax_sim.launch import experiment
 from fedjax_sim.launch.configs import corefed_digits
-from fedjax_sim.round import init_state, make_round
 from fedjax_sim.metrics import sample_std
 
 METHODS = ("fedavg", "qffl", "fedmdfg", "refed", "cofed", "corefed")
@@ -54,9 +54,9 @@ KEYS = ("test_accuracy", "client_acc_mean", "client_acc_worst10", "client_acc_st
 def method_config(method: str, seed: int, rounds: int, eval_every: int):
   c = corefed_digits.get_config()
   if method == "reference":
-    c.algorithm, c.corefed.reference_code = "corefed", True
+    c.algorithm, c.corefed = "corefed", ml_collections.ConfigDict({"reference_code": True})
   elif method == "fedmdfg_strict":  # textbook Armijo and cosine tests in the line search
-    c.algorithm, c.fedmdfg.strict = "fedmdfg", True
+    c.algorithm, c.fedmdfg = "fedmdfg", ml_collections.ConfigDict({"strict": True})
   else:
     c.algorithm = method
   c.seed, c.rounds, c.eval_every, c.progress = seed, rounds, eval_every, False
@@ -68,75 +68,39 @@ def run_one(method: str, seed: int, rounds: int, eval_every: int) -> dict:
   """Trains one method/seed; returns its evaluation history and timings."""
   cfg = method_config(method, seed, rounds, eval_every)
   exp = experiment.build_experiment(cfg)
-  state = init_state(exp.algorithm, exp.sampler, exp.data.num_clients, cfg.seed, exp.mesh)
-  round_fn = make_round(exp.algorithm, exp.sampler, seed=cfg.seed, mesh=exp.mesh,
-                        chunk_size=cfg.chunk_size or None, rounds_per_call=eval_every)
   evaluate = evaluation.make_evaluate(exp.algorithm)
-  from fedjax_sim.algorithms.config_args import embedding_fn
-  embed_fn, _ = embedding_fn(cfg, lambda r: exp.algorithm.eval_params(exp.algorithm.init(r), None))
-  repr_eval = metrics.make_representation_eval(embed_fn)
+  embed_fn, _ = experiment.build_context(cfg, exp.data).embedding_fn()
   data = exp.data
-  history, train_s, first_call_s = [], 0.0, None
-  while int(state.round) < rounds:
-    t = time.perf_counter()
-    state, m = round_fn(state, data.train)
-    jax.block_until_ready(state)
-    dt = time.perf_counter() - t
-    if first_call_s is None:
-      first_call_s = dt
-    else:
-      train_s += dt
+  repr_eval = repr_metrics.make_repr_eval(embed_fn, data.train, metrics=("disparity",))
+
+  def evaluate_row(r, state, train_metrics):  # after every call
     params = exp.algorithm.eval_params(state.server, None)
     raw = evaluate(state.server, state.clients, data.test, data.test_x, data.test_y)
-    row = {"round": int(state.round), **evaluation.summarize(raw, int(data.test_y.shape[0]))}
-    row["repr_disparity"] = float(repr_eval(params, data.train.x, data.train.mask)
-                                  ["repr_disparity"])
-    row.update({k: float(np.mean(v)) for k, v in jax.device_get(m).items()})
-    history.append(row)
+    row = {"round": r, **evaluation.summarize(raw, int(data.test_y.shape[0]))}
+    row["repr_disparity"] = repr_eval(params)["repr_disparity"]
+    row.update({k: float(np.mean(v)) for k, v in train_metrics.items()})
+    return row
+
+  run = simulation.simulate(exp.algorithm, exp.sampler, data, seed=cfg.seed, rounds=rounds,
+                            rounds_per_call=eval_every, eval_every=eval_every,
+                            chunk_size=cfg.chunk_size or None, mesh=exp.mesh,
+                            evaluate=evaluate_row, eval_initial=False)
   timed_rounds = rounds - eval_every
-  return {"method": method, "seed": seed, "history": history,
-          "ms_per_round": 1e3 * train_s / max(timed_rounds, 1), "first_call_s": first_call_s}
+  return {"method": method, "seed": seed, "history": run.history,
+          "ms_per_round": 1e3 * sum(run.call_s[1:]) / max(timed_rounds, 1),
+          "first_call_s": run.call_s[0] if run.call_s else None}
 
 
 ROUNDS_PER_CALL = 10  # rounds fused per jitted call in the timing harness
 
 
 def build_round(method: str, overrides: dict | None = None,
-                rounds_per_call: int = ROUNDS_PER_CALL):
-  """(round_fn, compiled-once state, train data) of one method in the timing setup."""
+                rounds_per_call: int = ROUNDS_PER_CALL) -> list:
+  """[round_fn, compiled-once state, train data] of one method in the timing setup."""
   cfg = method_config(method, 0, 50, 10)
   if overrides:
     cfg.update_from_flattened_dict(overrides)
-  exp = experiment.build_experiment(cfg)
-  rf = make_round(exp.algorithm, exp.sampler, seed=0, mesh=exp.mesh,
-                  chunk_size=cfg.chunk_size or None, rounds_per_call=rounds_per_call)
-  st = init_state(exp.algorithm, exp.sampler, exp.data.num_clients, 0, exp.mesh)
-  st, _ = rf(st, exp.data.train)  # compile
-  jax.block_until_ready(st)
-  return rf, st, exp.data.train
-
-
-def time_interleaved(fns: dict, repeats: int, rounds: int) -> tuple[dict, dict]:
-  """Wall and process-CPU ms/round per method, ``rounds`` rounds per repeat, methods in turn.
-
-  ``fns``: method -> [round_fn, state, data] (``build_round``; states advance).
-  Returns ``(wall, cpu)``: method -> list of ``repeats`` samples.
-  """
-  if rounds <= 0 or rounds % ROUNDS_PER_CALL:
-    raise ValueError(f"rounds={rounds}: must be a positive multiple of {ROUNDS_PER_CALL} "
-                     f"(each call runs {ROUNDS_PER_CALL} rounds), e.g. 50")
-  wall, cpu = {m: [] for m in fns}, {m: [] for m in fns}
-  for _ in range(repeats):
-    for method, entry in fns.items():
-      rf, st, d = entry
-      t, c = time.perf_counter(), time.process_time()
-      for _ in range(rounds // ROUNDS_PER_CALL):
-        st, _ = rf(st, d)
-      jax.block_until_ready(st)
-      wall[method].append(1e3 * (time.perf_counter() - t) / rounds)
-      cpu[method].append(1e3 * (time.process_time() - c) / rounds)
-      entry[1] = st
-  return wall, cpu
+  return simulation.compiled_round(experiment.build_experiment(cfg), rounds_per_call)
 
 
 def throughput(repeats: int = 5, rounds: int = 50,
@@ -148,8 +112,8 @@ def throughput(repeats: int = 5, rounds: int = 50,
   ``overrides`` (flattened config keys, e.g. ``{"model": "cnn", "local_epochs":
   5}``) change the setup for every method alike.
   """
-  fns = {m: list(build_round(m, overrides)) for m in methods}
-  out, cpu = time_interleaved(fns, repeats, rounds)
+  fns = {m: build_round(m, overrides) for m in methods}
+  out, cpu = simulation.time_interleaved(fns, repeats, rounds, ROUNDS_PER_CALL)
   res = {m: float(np.median(v)) for m, v in out.items()}
   # CPU time of this process (all threads) per round: less sensitive than wall
   # time to other jobs on a shared machine.

@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 
+import ml_collections
 import numpy as np
 
 from fedjax_sim.launch import experiment
@@ -49,7 +50,8 @@ def main():
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
       c = corefed_ablation.get_config(f"{args.dataset}:corefed")
-      c.corefed.k, c.corefed.gamma, c.seed, c.progress = k, gamma, seed, False
+      c.corefed = ml_collections.ConfigDict({"k": k, "gamma": gamma})
+      c.seed, c.progress = seed, False
       if args.rounds:
         c.rounds = args.rounds
       if args.data_dir:

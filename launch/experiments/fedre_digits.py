@@ -4,7 +4,7 @@ PRA and PAT, several seeds; communication per round; representation inversion.
 Every run is ``launch/configs/fedre_digits.py`` (10 clients, all join, 5
 architectures round-robin, RM avg pooling to D = 32) with ``algorithm``,
 ``data.partition`` and ``seed`` set. The algorithm is built by the
-``POOLED_ALGORITHMS`` registry, trained with ``round.make_round`` and
+algorithm registry (``launch.experiment.build_algorithm``), trained with ``round.make_round`` and
 evaluated with ``evaluation.make_evaluate`` + ``summarize`` (pooled
 algorithms: accuracy over the clients' own test splits, example-weighted).
 
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 
@@ -36,11 +37,12 @@ from fedjax_sim.client_data import pad_examples
 from fedjax_sim import comm, evaluation
 from fedjax_sim.algorithms import inversion
 from fedjax_sim.metrics import sample_std
-from fedjax_sim.algorithms import POOLED_ALGORITHMS
-from fedjax_sim.algorithms.pooled import DataSpec
+from fedjax_sim.algorithms.registry import DataSpec
+from fedjax_sim.launch import experiment
 from fedjax_sim.data import build_federated_data
 from fedjax_sim.launch.configs import fedre_digits
-from fedjax_sim.round import init_state, make_mesh, make_round, replicate
+from fedjax_sim.round import make_mesh, make_round, replicate
+from fedjax_sim.simulation import simulate
 
 METHODS = ("fedre", "fedproto", "fedgh", "local_pools", "fedallrep")
 LABELS = {"fedre": "FedRE (RAP)", "fedproto": "FedProto", "fedgh": "FedGH",
@@ -71,23 +73,26 @@ def run_method(method, datasets, rounds, eval_every, mesh, keep_states=(), archs
     cfg.archs = tuple(archs)
   any_data = next(iter(datasets.values()))
   spec = DataSpec(any_data.input_shape, any_data.num_classes, any_data.num_clients)
-  alg = POOLED_ALGORITHMS[method](cfg, spec)
+  alg, _ = experiment.build_algorithm(cfg, spec)
+  rpc = math.gcd(eval_every, rounds)  # calls end on the last round
   round_fn = make_round(alg, seed=None, mesh=mesh, chunk_size=cfg.chunk_size or None,
-                        rounds_per_call=eval_every)
+                        rounds_per_call=rpc)
   evaluate = evaluation.make_evaluate(alg)
   shapes = comm.round_comm(alg, any_data.train)
   runs, states = [], {}
   for (part, seed), data in datasets.items():
-    state = init_state(alg, None, data.num_clients, seed, mesh)
-    train = replicate(data.train, mesh)
-    hist, t0 = [], time.perf_counter()
-    while int(state.round) < rounds:
-      state, m = round_fn(state, train, seed)
+    t0 = time.perf_counter()
+
+    def evaluate_row(r, state, train_metrics):
       raw = evaluate(state.server, state.clients, data.test, data.test_x, data.test_y)
-      row = {"round": int(state.round),
-             **evaluation.summarize(raw, int(data.test_y.shape[0]))}
-      row.update({k: float(np.mean(v)) for k, v in jax.device_get(m).items()})
-      hist.append(row)
+      row = {"round": r, **evaluation.summarize(raw, int(data.test_y.shape[0]))}
+      row.update({k: float(np.mean(v)) for k, v in train_metrics.items()})
+      return row
+
+    state, hist, _ = simulate(alg, None, data, seed=seed, rounds=rounds, rounds_per_call=rpc,
+                              eval_every=eval_every, mesh=mesh, round_fn=round_fn,
+                              train=replicate(data.train, mesh), evaluate=evaluate_row,
+                              eval_initial=False, diverged_hint=f" ({method} {part} seed {seed}).")
     wall = time.perf_counter() - t0
     print(f"{method:12s} {part} seed {seed}: acc {hist[-1]['test_accuracy']:.4f} "
           f"(best {max(r['test_accuracy'] for r in hist):.4f}) {wall:.1f}s", flush=True)
@@ -97,6 +102,13 @@ def run_method(method, datasets, rounds, eval_every, mesh, keep_states=(), archs
       states[(part, seed)] = (alg, state)
   shapes = {k: v for k, v in shapes.items() if k != "pools"}
   return runs, shapes, states
+
+
+def _fedre_dim() -> int:
+  """D of the report's split models (``--config.fedre.dim``, the constructor's default)."""
+  cfg = fedre_digits.get_config()
+  experiment.complete_config(cfg)
+  return int(cfg.fedre.dim)
 
 
 def inversion_eval(states_by_method, datasets, key, decoder_steps):
@@ -118,7 +130,7 @@ def inversion_eval(states_by_method, datasets, key, decoder_steps):
     for p, pool in enumerate(alg.pools):
       from fedjax_sim.algorithms import rm as rm_lib
       model = rm_lib.split_model(pool.name, data.input_shape, data.num_classes,
-                                 int(fedre_digits.get_config().fedre.dim))
+                                 _fedre_dim())
       for j, cid in enumerate(np.asarray(pool.client_ids)):
         params = jax.tree.map(lambda a: a[j], state.clients[p])
         m = tr.mask[cid]

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -42,13 +43,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_sim.client_data import pad_examples
-from fedjax_sim.algorithms.ssd import model_from_config, ssd
-from fedjax_sim.algorithms.ssl import fedsimclr
+from fedjax_sim.algorithms.registry import BuildContext, DataSpec, build
+from fedjax_sim.algorithms.ssl import SSLModel
+from fedjax_sim.launch.experiment import complete_config
 from fedjax_sim.augment import AugmentConfig, augment_batch
 from fedjax_sim.data import build_federated_data
 from fedjax_sim.launch.configs.ssd_digits import get_config
 from fedjax_sim.repr_metrics import make_repr_eval
-from fedjax_sim.round import init_state, make_mesh, make_round, replicate
+from fedjax_sim.round import make_mesh, make_round, replicate
+from fedjax_sim.simulation import simulate
 from fedjax_sim import sampling
 from fedjax_sim.metrics import sample_std
 
@@ -81,22 +84,24 @@ def run_cell(setting: str, alpha: float, seeds: list[int], methods: list[str],
   pool = max(int(np.sum(d.train.num_examples)) for d in datas.values())
   test_x, test_y = datas[seeds[0]].test_x, datas[seeds[0]].test_y  # same for every seed
 
-  model, shape = model_from_config(cfg)
-  s = cfg.ssl
+  d0 = datas[seeds[0]]
+  ctx = BuildContext.from_config(cfg, DataSpec(d0.input_shape, d0.num_classes, c))
+  knobs = {}
+  for name in ("ssd", "fedsimclr"):  # each method's knob sub-dict, completed from its defaults
+    cfg.algorithm = name
+    complete_config(cfg)
+    knobs[name] = cfg[name].to_dict()
+  s, ev = cfg.ssd, cfg.ssl_eval
+  model = SSLModel(dim=s.dim, encoder_kind=s.encoder_kind,
+                   encoder_hidden=tuple(s.encoder_hidden), projector_hidden=s.projector_hidden)
   aug = AugmentConfig.from_dict(s.augment.to_dict())
-  common = dict(rounds=cfg.rounds, client_lr=cfg.client_lr, momentum=cfg.client_momentum,
-                weight_decay=s.weight_decay, batch_size=b, epochs=cfg.local_epochs,
-                cosine=s.cosine, augment=aug)
-  programs = {
-      "alignuniform": ssd(model, shape, num_clients=c, t=s.t, scale=s.dsr_scale,
-                          pd_temperature=s.pd_temperature, basis_seed=s.basis_seed, **common),
-      "simclr": fedsimclr(model, shape, tau=s.tau, **common),
-  }
+  programs = {"alignuniform": build("ssd", ctx, knobs["ssd"]),
+              "simclr": build("fedsimclr", ctx, knobs["fedsimclr"])}
   features = lambda p, x: model.apply({"params": p}, x)
   aug_fn = lambda key, x: augment_batch(key, x, aug)
   evals = {sd: make_repr_eval(features, trains[sd], test_x, test_y, num_classes=10,
-                              augment_fn=aug_fn, t=s.t, knn_k=s.knn_k, knn_t=s.knn_t,
-                              probe_steps=s.probe_steps, pool_size=pool) for sd in seeds}
+                              augment_fn=aug_fn, t=s.t, knn_k=ev.knn_k, knn_t=ev.knn_t,
+                              probe_steps=ev.probe_steps, pool_size=pool) for sd in seeds}
   eval_key = jax.random.PRNGKey(1234)
   out: dict[str, Any] = {"setting": setting, "alpha": alpha, "clients": c,
                          "clients_per_round": k, "rounds": cfg.rounds,
@@ -105,35 +110,36 @@ def run_cell(setting: str, alpha: float, seeds: list[int], methods: list[str],
   raw = lambda p, x: (x.reshape(x.shape[0], -1), x.reshape(x.shape[0], -1))
   out["raw_pixels"] = {sd: make_repr_eval(
       raw, trains[sd], test_x, test_y, num_classes=10, augment_fn=aug_fn, t=s.t,
-      knn_k=s.knn_k, knn_t=s.knn_t, probe_steps=s.probe_steps, pool_size=pool)(None, eval_key)
+      knn_k=ev.knn_k, knn_t=ev.knn_t, probe_steps=ev.probe_steps, pool_size=pool)(None, eval_key)
       for sd in seeds}
 
   round_fns = {}
   sampler = sampling.uniform(c, k)
+  rpc = math.gcd(cfg.rounds_per_call, cfg.rounds)  # calls end on the last round
   for name in methods:
     prog, coef = METHODS[name]
     alg = programs[prog]
     if prog not in round_fns:
       round_fns[prog] = make_round(alg, sampler, seed=None, mesh=mesh,
-                                   chunk_size=cfg.chunk_size or None,
-                                   rounds_per_call=cfg.rounds_per_call)
-    rf = round_fns[prog]
+                                   chunk_size=cfg.chunk_size or None, rounds_per_call=rpc)
     out["runs"][name] = {}
     for sd in seeds:
       t0 = time.time()
-      state = init_state(alg, sampler, c, sd)
-      if coef:
-        state = state._replace(server=state.server._replace(
-            coef={kk: jnp.float32(v) for kk, v in coef.items()}))
-      state = replicate(state, mesh)
-      curve = [{"round": 0, **evals[sd](state.server.params, eval_key)}]
       losses = []
-      while int(state.round) < cfg.rounds:
-        state, m = rf(state, trains[sd], sd)
-        losses += [float(v) for v in np.asarray(m["loss"])]
-        if not np.all(np.isfinite(losses)):
-          raise FloatingPointError(f"{name} seed {sd}: non-finite loss by round {len(losses)}")
-        curve.append({"round": int(state.round), **evals[sd](state.server.params, eval_key)})
+
+      def evaluate(r, state, train_metrics):  # every call; round 0 is the random-init encoder
+        losses.extend(float(v) for v in np.asarray(train_metrics.get("loss", [])))
+        return {"round": r, **evals[sd](state.server.params, eval_key)}
+
+      init = None
+      if coef:  # the loss weights live in the server state (one program for the family)
+        init = lambda st: st._replace(server=st.server._replace(
+            coef={kk: jnp.float32(v) for kk, v in coef.items()}))
+      run = simulate(alg, sampler, datas[sd], seed=sd, rounds=cfg.rounds, rounds_per_call=rpc,
+                     eval_every=rpc, mesh=mesh, round_fn=round_fns[prog], train=trains[sd],
+                     init=init, evaluate=evaluate,
+                     diverged_hint=f" ({name}, seed {sd}, {setting} Dir({alpha})).")
+      curve = run.history
       out["runs"][name][str(sd)] = {"curve": curve, "loss": losses, "wall_s": time.time() - t0}
       last = curve[-1]
       print(f"[{setting} a={alpha}] {name:16s} seed {sd}: unif_g_enc "
