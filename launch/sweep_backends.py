@@ -317,12 +317,18 @@ def _has_accounting(array: str) -> bool:
   return out.returncode == 0
 
 
-def _in_squeue(array: str) -> bool:
+UNREACHABLE_S = 120.0  # squeue failing this long: the controller is gone, stop waiting
+
+
+def _in_squeue(array: str) -> Optional[bool]:
+  """Whether the array is still in ``squeue``; None when squeue itself fails (no answer)."""
   out = subprocess.run(["squeue", "-h", "-j", array, "-o", "%i %T"], capture_output=True,
                        text=True)
   if out.returncode != 0 and "Invalid job id" in out.stderr:
     return False
-  return out.returncode != 0 or bool(out.stdout.strip())
+  if out.returncode != 0:
+    return None
+  return bool(out.stdout.strip())
 
 
 def wait_slurm(jobs: Union[Sequence, str], poll_s: float = 2.0,
@@ -336,15 +342,27 @@ def wait_slurm(jobs: Union[Sequence, str], poll_s: float = 2.0,
 
   Raises:
     TimeoutError: still queued or running after ``timeout_s``.
+    RuntimeError: ``squeue`` has failed for :data:`UNREACHABLE_S` seconds in a row
+      (the SLURM controller is down); the finished points' results stay on disk, and
+      running the sweep again resumes the rest.
   """
   jobs, array = ([], jobs) if isinstance(jobs, str) else (list(jobs), _array_id(jobs))
   sacct = bool(jobs) and _has_accounting(array)
-  t0 = time.time()
+  t0, failing_since = time.time(), None
   while True:
     if jobs and all(j.done() if sacct else j.paths.result_pickle.exists() for j in jobs):
       return
-    if not _in_squeue(array):
+    queued = _in_squeue(array)
+    if queued is False:
       return
+    if queued is None:
+      failing_since = failing_since or time.time()
+      if time.time() - failing_since > UNREACHABLE_S:
+        raise RuntimeError(f"squeue has not answered for {UNREACHABLE_S:.0f} s (is the SLURM "
+                           f"controller up? check sinfo); job {array} may still run. Run the "
+                           "sweep again to resume the unfinished points.")
+    else:
+      failing_since = None
     if timeout_s is not None and time.time() - t0 > timeout_s:
       raise TimeoutError(f"SLURM job {array} still queued/running after {timeout_s:.0f} s")
     time.sleep(poll_s)

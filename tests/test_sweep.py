@@ -162,7 +162,9 @@ def slurm_cluster():
   try:
     yield conf
   finally:
-    if started:
+    # Under pytest-xdist another worker may still be using the cluster this one started:
+    # leave it running then (.ci/run stops the one it starts; /tmp holds its state).
+    if started and not os.environ.get("PYTEST_XDIST_WORKER"):
       subprocess.run([os.path.join(REPO, ".ci", "slurm-localhost"), "stop", SLURM_DIR],
                      capture_output=True)
     if old is None:
