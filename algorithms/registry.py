@@ -36,8 +36,8 @@ from fedjax_sim.algorithms.optimizers import server_optimizer
 from fedjax_sim.errors import ConfigError
 from fedjax_sim.protocol import FederatedAlgorithm
 
-__all__ = ["ALGORITHMS", "BuildContext", "DataSpec", "Entry", "build", "knob_defaults",
-           "register"]
+__all__ = ["ALGORITHMS", "BuildContext", "DataSpec", "Entry", "build", "check_knobs",
+           "knob_defaults", "register"]
 
 # Constructor parameters that come from the context (engine, data and model knobs), never from
 # the method's knob sub-dict.
@@ -202,10 +202,15 @@ def build(name: str, ctx: BuildContext, knobs: Optional[dict] = None) -> Federat
   """
   entry = _entry(name)
   knobs = dict(knobs or {})
+  check_knobs(name, knobs)
+  return entry.builder(ctx, **knobs)
+
+
+def check_knobs(name: str, knobs) -> None:
+  """Raises ConfigError (listing the method's knobs) for a knob ``name`` does not have."""
   valid = knob_defaults(name)
   extra = sorted(set(knobs) - set(valid))
   if extra:
     raise ConfigError(f"{name} has no knob {', '.join(extra)}; its knobs are "
-                      f"{', '.join(f'{k}={v!r}' for k, v in valid.items()) or 'none'} "
-                      f"(--config.{name}.<knob>).")
-  return entry.builder(ctx, **knobs)
+                      f"{', '.join(f'{k}={v!r}' for k, v in valid.items()) or 'none'}; remove "
+                      f"--config.{name}.{extra[0]}.")

@@ -129,12 +129,7 @@ def validate_config(cfg) -> None:
   known = sorted(ALGORITHMS)
   need(cfg.algorithm in known, f"unknown algorithm '{cfg.algorithm}'; set "
        f"--config.algorithm to one of {', '.join(known)}.")
-  knobs = cfg.get(cfg.algorithm) or {}
-  valid = registry.knob_defaults(cfg.algorithm)
-  extra = sorted(set(knobs) - set(valid))
-  need(not extra, f"{cfg.algorithm} has no knob {', '.join(extra)}; its knobs are "
-       f"{', '.join(sorted(valid)) or 'none'}; remove "
-       f"--config.{cfg.algorithm}.{extra[0] if extra else ''}.")
+  registry.check_knobs(cfg.algorithm, cfg.get(cfg.algorithm) or {})
   need(cfg.model in models.MODELS, f"unknown model '{cfg.model}'; set --config.model to one of "
        f"{', '.join(sorted(models.MODELS))}.")
   optimizers = ("sgd", "adam", "yogi", "adagrad")  # fedjax_sim.algorithms.server_optimizer
