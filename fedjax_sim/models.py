@@ -89,7 +89,86 @@ class ResNet(nn.Module):
     return (logits, z) if return_embedding else logits
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "cnn": CNN, "resnet": ResNet}
+def _as_signal(x: jax.Array) -> jax.Array:
+  """x [B, ...] -> [B, L, 1]: every non-batch axis flattened into one 1-channel signal."""
+  return x.reshape((x.shape[0], -1, 1))
+
+
+class CNN1D(nn.Module):
+  """A 1-D CNN over a signal: the MNIST-1D paper's CNN (Greydanus and Kobak, arXiv 2011.14439,
+  Sec. 3 and its models.py ``ConvBase``).
+
+  The input x [B, ...] is read as one signal of L = prod(...) steps with one
+  channel (MNIST-1D: L = 40). Each layer is a ReLU Conv1d with
+  ``features[i]`` channels, kernel ``kernel_sizes[i]``, stride ``stride`` and
+  padding 1 (PyTorch's ``padding=1``), so with the defaults the lengths are
+  40 -> 19 -> 10 -> 5; then optional ReLU Dense layers ``dense``; the
+  embedding is the flattened last hidden layer (D = 25 * 5 = 125 for the
+  paper's setting on MNIST-1D) and the classifier one Dense.
+
+  Raises:
+    ValueError: ``features`` and ``kernel_sizes`` differ in length.
+  """
+  num_classes: int
+  features: Sequence[int] = (25, 25, 25)
+  kernel_sizes: Sequence[int] = (5, 3, 3)
+  stride: int = 2
+  dense: Sequence[int] = ()
+
+  @nn.compact
+  def __call__(self, x, return_embedding: bool = False):
+    if len(self.features) != len(self.kernel_sizes):
+      raise ValueError(f"cnn1d: features {tuple(self.features)} and kernel_sizes "
+                       f"{tuple(self.kernel_sizes)} must have the same length (one kernel per "
+                       "conv layer); set --config.model_kwargs.kernel_sizes.")
+    z = _as_signal(x)
+    for f, k in zip(self.features, self.kernel_sizes):
+      z = nn.relu(nn.Conv(f, (k,), strides=(self.stride,), padding=((1, 1),))(z))
+    z = z.reshape((z.shape[0], -1))
+    for h in self.dense:
+      z = nn.relu(nn.Dense(h)(z))
+    logits = nn.Dense(self.num_classes)(z)
+    return (logits, z) if return_embedding else logits
+
+
+class GRU(nn.Module):
+  """A GRU sequence classifier: the MNIST-1D paper's GRU (arXiv 2011.14439, Sec. 3 and its
+  models.py ``GRUBase``: bidirectional, hidden size 6).
+
+  The input x [B, ...] is read as a sequence of T = prod(...) steps with one
+  feature each (MNIST-1D: T = 40). A GRU with ``hidden_size`` units runs over
+  it (``directions=2``: forward and backward, outputs concatenated to
+  [B, T, 2 * hidden_size]); the outputs at every step, flattened, are the
+  embedding (D = T * directions * hidden_size = 480 for the paper's setting)
+  and one Dense is the classifier. Cell: ``flax.linen.GRUCell``, PyTorch's
+  ``nn.GRU`` equations with the redundant hidden biases b_hr, b_hz folded
+  into b_ir, b_iz (5,110 parameters on MNIST-1D against PyTorch's 5,134).
+
+  Raises:
+    ValueError: ``directions`` is not 1 or 2.
+  """
+  num_classes: int
+  hidden_size: int = 6
+  directions: int = 2
+
+  @nn.compact
+  def __call__(self, x, return_embedding: bool = False):
+    if self.directions not in (1, 2):
+      raise ValueError(f"gru: directions={self.directions} must be 1 (forward) or 2 "
+                       "(bidirectional); set --config.model_kwargs.directions.")
+    z = _as_signal(x)
+    forward = nn.RNN(nn.GRUCell(self.hidden_size))
+    if self.directions == 2:
+      z = nn.Bidirectional(forward, nn.RNN(nn.GRUCell(self.hidden_size)))(z)
+    else:
+      z = forward(z)
+    z = z.reshape((z.shape[0], -1))
+    logits = nn.Dense(self.num_classes)(z)
+    return (logits, z) if return_embedding else logits
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "cnn": CNN, "resnet": ResNet,
+                                               "cnn1d": CNN1D, "gru": GRU}
 
 
 def build_model(name: str, num_classes: int, **kwargs) -> nn.Module:
@@ -120,6 +199,10 @@ MODEL_ZOO: dict[str, tuple[str, dict]] = {
     "cnn_m": ("cnn", {"features": (32, 64), "dense": (512,)}),
     "resnet_s": ("resnet", {"stage_features": (16, 32), "blocks_per_stage": 1}),
     "resnet_m": ("resnet", {"stage_features": (16, 32, 64), "blocks_per_stage": 1}),
+    # 1-D signals (MNIST-1D); any input is read as one 1-channel signal.
+    "cnn1d_s": ("cnn1d", {"features": (16, 16), "kernel_sizes": (5, 3)}),
+    "cnn1d_m": ("cnn1d", {"features": (25, 25, 25), "kernel_sizes": (5, 3, 3)}),
+    "gru_s": ("gru", {"hidden_size": 6, "directions": 2}),
 }
 
 
