@@ -270,8 +270,15 @@ def run_case(setup: Setup, variants: Sequence[tuple[Optional[int], int]], *,
                mesh=mesh, sweep_rounds=rounds_per_sweep)
   runners = [ref]
   for chunk, rpc in variants:
-    label = f"vmap chunk={chunk or 'all'} R={rpc}"
-    fn = make_round(alg, sampler, seed=seed, chunk_size=chunk, rounds_per_call=rpc)
+    if isinstance(chunk, str):  # "stream:W", the streaming schedule with W slots
+      slots = int(chunk.split(":")[1])
+      label = f"stream W={slots} R={rpc}"
+      fn = make_round(alg, sampler, seed=seed, schedule="stream", slots=slots,
+                      rounds_per_call=rpc)
+      chunk = None
+    else:
+      label = f"vmap chunk={chunk or 'all'} R={rpc}"
+      fn = make_round(alg, sampler, seed=seed, chunk_size=chunk, rounds_per_call=rpc)
     runners.append(Runner(label, fn, rpc, fresh(), chunk_size=chunk, mesh=mesh,
                           sweep_rounds=rounds_per_sweep))
 

@@ -14,11 +14,13 @@ an unlabeled server set out of the clients' training rows
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 import numpy as np
 
 from fedjax_sim import seeding
+from fedjax_sim.client_data import FlatClientData, flatten
 from fedjax_sim.data import partitioners as part_lib
 from fedjax_sim.data import server_sets, sources
 from fedjax_sim.data.federated import FederatedData, on_device, pack_clients
@@ -47,7 +49,10 @@ def build_federated_data(cfg: Any, batch_size: int = 1, seed: int = 0,
       name, default ``dirichlet``), ``num_clients``, ``client_test_fraction``,
       ``server_size`` / ``server_seed`` (optional, see below), and whatever
       knobs the dataset and the partitioner declare (``alpha``,
-      ``classes_per_client``, ``min_examples``, ``data_dir``, ...).
+      ``classes_per_client``, ``min_examples``, ``data_dir``, ...), and ``storage``:
+      ``"padded"`` (default; train ClientData [C, N, ...]) or ``"flat"`` (train
+      :class:`~fedjax_sim.client_data.FlatClientData` [T, ...]: memory follows the examples,
+      for heavy-tailed client sizes; runs are bit-identical under both).
     batch_size: client N is padded to a multiple of this.
     seed: the run seed (int >= 0). The partition, the per-client train/test
       split and a generated dataset each draw from their own NumPy stream
@@ -68,21 +73,31 @@ def build_federated_data(cfg: Any, batch_size: int = 1, seed: int = 0,
   """
   knobs = config_items(cfg)
   name = knobs.get("dataset", "digits")
+  storage = knobs.get("storage", "padded") or "padded"
+  if storage not in ("padded", "flat"):
+    raise DatasetError(f"data.storage={storage!r}; set --config.data.storage to 'padded' or "
+                       "'flat'.")
   fn = get_dataset(name)
   partitioner = part_lib.from_config(knobs)
   out = fn(**bind(fn, {**knobs, "seed": seed, "batch_size": batch_size,
                        "partitioner": partitioner}, what=f"dataset '{name}'"))
   server_size = int(knobs.get("server_size", 0) or 0)
   if isinstance(out, sources.Dataset):
+    if server_size and storage == "flat":
+      raise DatasetError("data.server_size > 0 masks rows of the padded client arrays; set "
+                         "--config.data.storage=padded (or server_size=0).")
     fed, train_idx = _federate(out, int(knobs.get("num_clients", 100)), partitioner,
-                               float(knobs.get("client_test_fraction", 0.2)), batch_size, seed)
+                               float(knobs.get("client_test_fraction", 0.2)), batch_size, seed,
+                               storage)
     if server_size:
       keep, server_x = server_sets.server_holdout(
           train_idx, out.train_y, out.train_x, server_size, int(knobs.get("server_seed", 0)),
-          fed.train.x.shape[1])
+          fed.train.max_examples)
       fed.aux.update(server_x=server_x, client_keep=keep)
   elif isinstance(out, FederatedData):
     fed = out
+    if storage == "flat" and not isinstance(fed.train, FlatClientData):
+      fed = dataclasses.replace(fed, train=flatten(fed.train))
     if server_size:
       raise DatasetError(f"dataset '{name}' defines its own clients, so the pipeline cannot hold "
                          "a server set out of them; set --config.data.server_size=0 or use a "
@@ -94,13 +109,14 @@ def build_federated_data(cfg: Any, batch_size: int = 1, seed: int = 0,
 
 
 def _federate(ds: sources.Dataset, num_clients: int, partitioner, test_fraction: float,
-              batch_size: int, seed: int) -> tuple[FederatedData, list[np.ndarray]]:
+              batch_size: int, seed: int, storage: str = "padded"
+              ) -> tuple[FederatedData, list[np.ndarray]]:
   """Partitions a centralized dataset's train split over clients; host FederatedData and the
   clients' training index lists (into ``ds.train_y``)."""
   parts = partitioner(ds.train_y, num_clients, seeding.numpy_seed(seed, "partition"))
   tr, te = part_lib.train_test_split_clients(parts, test_fraction,
                                              seeding.numpy_seed(seed, "split"))
-  train, test = pack_clients(ds.train_x, ds.train_y, tr, te, batch_size)
+  train, test = pack_clients(ds.train_x, ds.train_y, tr, te, batch_size, storage)
   return FederatedData(train, test, ds.test_x, ds.test_y, ds.num_classes,
                        tuple(ds.input_shape), ds.name), tr
 
@@ -108,7 +124,7 @@ def _federate(ds: sources.Dataset, num_clients: int, partitioner, test_fraction:
 @register_dataset("synthetic")
 def synthetic(num_clients: int = 100, client_test_fraction: float = 0.2,
               synthetic_alpha: float = 1.0, synthetic_beta: float = 1.0, seed: int = 0,
-              batch_size: int = 1) -> FederatedData:
+              batch_size: int = 1, storage: str = "padded") -> FederatedData:
   """LEAF Synthetic(alpha, beta) (:func:`fedjax_sim.data.synthetic_leaf`): the generator
   defines the clients; each client's examples are split into its train and test parts, and
   the global test set is the union of the test parts (10 classes, 60 features).
@@ -128,7 +144,7 @@ def synthetic(num_clients: int = 100, client_test_fraction: float = 0.2,
   parts = [np.arange(offsets[k], offsets[k + 1]) for k in range(num_clients)]
   tr, te = part_lib.train_test_split_clients(parts, float(client_test_fraction),
                                              seeding.numpy_seed(seed, "split"))
-  train, test = pack_clients(all_x, all_y, tr, te, batch_size)
+  train, test = pack_clients(all_x, all_y, tr, te, batch_size, storage)
   gidx = np.concatenate(te)
   return FederatedData(train, test, all_x[gidx], all_y[gidx], 10, tuple(all_x.shape[1:]),
                        "synthetic")

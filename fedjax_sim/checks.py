@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_sim.protocol import ClientInfo, FederatedAlgorithm, ServerInfo
-from fedjax_sim.client_data import ClientData
+from fedjax_sim.client_data import ClientData, gather_clients
 from fedjax_sim.errors import FedSimError
 
 
@@ -111,7 +111,8 @@ def check_algorithm(algorithm: FederatedAlgorithm, state: Any, data: ClientData,
   if algorithm.pools:
     return
   one = lambda t: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), t)
-  cstate, cdata = one(state.clients), one(data)
+  cstate = one(state.clients)
+  cdata = jax.eval_shape(lambda d: gather_clients(d, jnp.int32(0)), data)  # either storage
   info = ClientInfo(jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32),
                     jax.ShapeDtypeStruct((), jnp.bool_))
   key = jax.eval_shape(lambda: jax.random.PRNGKey(0))

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_sim.protocol import ClientInfo, FederatedAlgorithm
-from fedjax_sim.client_data import ClientData
+from fedjax_sim.client_data import AnyClientData, ClientData, gather_clients
 
 
 def tree_scalars(tree: Any) -> int:
@@ -40,8 +40,9 @@ def tree_scalars(tree: Any) -> int:
   return int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree)))
 
 
-def _one_client(data: ClientData) -> Any:
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), data)
+def _one_client(data: AnyClientData) -> Any:
+  """Shapes of ONE client's padded view (either storage)."""
+  return jax.eval_shape(lambda d: gather_clients(d, jnp.int32(0)), data)
 
 
 def _per_client(client_update, init_client, bcast, data1) -> int:

@@ -10,6 +10,7 @@ A round, for state ``s`` at round r:
 
 1. ``k_sample, k_clients, k_server = seeding.round_subkeys(seed, r)`` (as the
    round builder); the cohort is ``sampler.sample(k_sample, r, s.sampler)``.
+   Empty slots of a variable cohort (id -1, ``sampling.poisson``) are dropped.
    A model pool samples ``sampling.uniform(C_p, K_p)`` with
    ``fold_in(k_sample, crc32(pool name) & 0x7FFFFFFF)``; its local indices
    [0, C_p) map to global ids through ``Pool.client_ids``.
@@ -44,7 +45,7 @@ import numpy as np
 
 from fedjax_sim import sampling, seeding
 from fedjax_sim.protocol import ClientInfo, FederatedAlgorithm, ServerInfo
-from fedjax_sim.client_data import ClientData
+from fedjax_sim.client_data import ClientData, gather_clients
 from fedjax_sim.round import SimState
 from fedjax_sim.sampling import Sampler
 
@@ -134,7 +135,7 @@ def make_reference_round(algorithm: FederatedAlgorithm, sampler: Optional[Sample
     def one_client(bcast, pool_clients, data, local, gid, k_clients, round_):
       """ONE client: its data slice [N, ...] and state, key fold_in(k_clients, id)."""
       info = ClientInfo(gid, round_, jnp.bool_(True))
-      return update(bcast, _client(pool_clients, local), _client(data, gid),
+      return update(bcast, _client(pool_clients, local), gather_clients(data, gid),
                     jax.random.fold_in(k_clients, gid), info)
     return one_client
 
@@ -143,7 +144,7 @@ def make_reference_round(algorithm: FederatedAlgorithm, sampler: Optional[Sample
   def query_fn(new_cstates, data: ClientData, gids: jax.Array, round_: jax.Array):
     """``info.query``: every cohort member answers in turn (new state), stacked [K, ...]."""
     def ask(q):
-      return _stack([algorithm.client_query(q, _client(new_cstates, i), _client(data, gids[i]),
+      return _stack([algorithm.client_query(q, _client(new_cstates, i), gather_clients(data, gids[i]),
                                             ClientInfo(gids[i], round_, jnp.bool_(True)))
                      for i in range(gids.shape[0])])
     return ask
@@ -173,6 +174,10 @@ def make_reference_round(algorithm: FederatedAlgorithm, sampler: Optional[Sample
   def round_fn(state: SimState, data: ClientData, *, sort_by_size: Optional[bool] = None):
     sort = jnp.bool_(default_sort if sort_by_size is None else sort_by_size)
     locals_, gids, k_clients, k_server, new_samplers, bcast = plan(state, data.num_examples, sort)
+    # A variable cohort (sampling.poisson) marks empty slots -1: only the real clients run.
+    keep = [np.asarray(loc) >= 0 for loc in locals_]
+    locals_ = tuple(jnp.asarray(np.asarray(loc)[k]) for loc, k in zip(locals_, keep))
+    gids = tuple(jnp.asarray(np.asarray(g)[k]) for g, k in zip(gids, keep))
     pool_states = state.clients if pooled else (state.clients,)
     uploads, new_cstates, cmetrics = [], [], []
     for p, one_client in enumerate(client_fns):

@@ -31,7 +31,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fedjax_sim.protocol import ClientInfo, FederatedAlgorithm, ServerInfo
-from fedjax_sim.client_data import ClientData
+from fedjax_sim.client_data import ClientData, gather_clients
 from fedjax_sim import sampling, seeding, stream
 from fedjax_sim.sampling import Sampler
 
@@ -193,6 +193,9 @@ def make_round(algorithm: FederatedAlgorithm, sampler: Optional[Sampler] = None,
   if schedule not in ("chunked", "stream"):
     raise ValueError(f"schedule={schedule!r}; use 'chunked' or 'stream'.")
   stream_phase = None
+  if schedule == "stream" and sampler is not None and sampler.rate is not None:
+    raise ValueError("schedule='stream' needs a fixed-size cohort; the Poisson sampler's "
+                     "varies: use schedule='chunked' or another --config.sampler.")
   if schedule == "stream":
     stream_phase = stream.make_stream_phase(algorithm, sampler, slots=slots,
                                             num_devices=devices, sort_by_size=sort_by_size)
@@ -208,7 +211,7 @@ def make_round(algorithm: FederatedAlgorithm, sampler: Optional[Sampler] = None,
       vfn = jax.vmap(client_fn, in_axes=(None, 0, 0, 0, 0))
 
       def run_chunk(cstate, rngs, infos, num_ex):
-        cdata = jax.tree.map(lambda a: a[infos.client_id], data)
+        cdata = gather_clients(data, infos.client_id)
         cdata = cdata._replace(num_examples=num_ex,
                                mask=cdata.mask & infos.valid[:, None])
         return vfn(shared, cstate, cdata, rngs, infos)
@@ -241,15 +244,17 @@ def make_round(algorithm: FederatedAlgorithm, sampler: Optional[Sampler] = None,
                  k_clients, round_):
     lay = pl.layout
     local, sampler_state = pl.sampler.sample(k_sample, round_, sampler_state)
+    present = local >= 0  # a variable cohort (sampling.poisson) leaves slots empty (-1)
+    local = jnp.maximum(local, 0)
     gids = local if pl.client_ids is None else pl.client_ids[local]
     n = data.num_examples[gids]
-    if sort_by_size:
-      order = jnp.argsort(-n, stable=True)
-      local, gids, n = local[order], gids[order], n[order]
+    if sort_by_size:  # empty slots last
+      order = jnp.argsort(-jnp.where(present, n, -1), stable=True)
+      local, gids, n, present = local[order], gids[order], n[order], present[order]
     pad = lay.padded - lay.cohort
     padded = lambda a: jnp.concatenate([a, jnp.broadcast_to(a[-1:], (pad,))])[pl.slot_order]
     local, gids = padded(local), padded(gids)
-    valid = (jnp.arange(lay.padded) < lay.cohort)[pl.slot_order]
+    valid = (jnp.arange(lay.padded) < lay.cohort)[pl.slot_order] & padded(present)
     num_ex = jnp.where(valid, padded(n), 0)
 
     cstate = jax.tree.map(lambda a: a[local], pool_clients)

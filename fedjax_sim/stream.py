@@ -39,6 +39,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from fedjax_sim.client_data import batch_rows, gather_clients
 from fedjax_sim.protocol import (ClientInfo, FederatedAlgorithm, LocalCarry, LocalPlan,
                                  ServerInfo, local_batch, local_metrics, local_plan, local_step)
 from fedjax_sim.sampling import Sampler
@@ -124,7 +125,7 @@ def make_stream_phase(algorithm: FederatedAlgorithm, sampler: Sampler, *,
     rng_q = jax.vmap(lambda i: jax.random.fold_in(k_clients, i))(ids)
     info_q = ClientInfo(ids, jnp.broadcast_to(round_, ids.shape), jnp.ones(ids.shape, bool))
     at = lambda tree, q: jax.tree.map(lambda a: a[q], tree)
-    client_data = lambda gid: jax.tree.map(lambda a: a[gid], data)
+    client_data = lambda gid: gather_clients(data, gid)
 
     def load(q):
       """ONE slot loads queue position q (clipped to [0, K)): begin, plan, fresh optimizer."""
@@ -148,8 +149,8 @@ def make_stream_phase(algorithm: FederatedAlgorithm, sampler: Sampler, *,
       idx, bmask = local_batch(slot.plan, slot.s, bsz)
       gid = slot.info.client_id
       loss = lambda p, x, y, m, r: spec.loss(p, slot.aux, x, y, m, r)
-      return local_step(loss, spec.optimizer(slot.info), slot.carry, data.x[gid, idx],
-                        data.y[gid, idx], bmask, jax.random.fold_in(slot.plan.loss_key, slot.s))
+      x, y = batch_rows(data, gid, idx, bmask)
+      return local_step(loss, spec.optimizer(slot.info), slot.carry, x, y, bmask, jax.random.fold_in(slot.plan.loss_key, slot.s))
 
     select = lambda mask, new, old: jax.tree.map(
         lambda a, b: jnp.where(mask.reshape(mask.shape + (1,) * (a.ndim - 1)), a, b), new, old)

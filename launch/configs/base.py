@@ -18,7 +18,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.algorithm = "fedavg"
   c.rounds = 100
   c.clients_per_round = 20  # K
-  c.sampler = "uniform"  # cohort sampler (fedjax_sim.sampling.build_sampler)
+  c.sampler = "uniform"  # cohort sampler (fedjax_sim.sampling.build_sampler); poisson: q = K / C
+  c.cohort_bound = 0  # poisson: K_max slots (0 = sampling.poisson_bound)
   c.local_epochs = 1  # E
   c.local_steps = 0  # > 0: fixed local steps instead of epochs
   c.batch_size = 10  # B
@@ -49,8 +50,30 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.classes_per_client = 2  # pathological k
   c.data.min_examples = 2
   c.data.client_test_fraction = 0.2
+  c.data.storage = "padded"  # padded ([C, N, ...]) | flat ([T, ...]: memory follows examples)
   c.data.synthetic_alpha = 1.0
   c.data.synthetic_beta = 1.0
+  # Natural partitions (leaf:<dir>, sqlite:<path>, parquet:<path>; data/natural.py)
+  c.data.min_client_size = 1  # drop clients with fewer training examples
+  c.data.max_client_size = 0  # keep each client's first that many examples (0 = all)
+  c.data.max_clients = 0  # a uniform sample of that many clients (0 = all)
+  c.data.sequence_length = 80  # T of the next-character task
+  c.data.client_column = ""  # Parquet client-id column ("" = auto)
+
+  # Client-level differential privacy (fedjax_sim/dp.py, fedjax_sim/privacy.py): DP-FedAvg
+  # (arXiv 1710.06963) around fedavg / fedprox / fedadam / fedyogi / fedadagrad.
+  c.dp = ml_collections.ConfigDict({
+      "enabled": False,
+      "noise_multiplier": 1.0,  # z: noise std z * C on the clipped sum
+      "clip_norm": 1.0,  # C (with adaptive clipping, C_0)
+      "adaptive": False,  # adaptive clipping (arXiv 1905.03871)
+      "target_quantile": 0.5,  # gamma
+      "clip_lr": 0.2,  # eta_C
+      "clipped_count_stddev": 0.0,  # sigma_b (0 = expected cohort / 20)
+      "target_epsilon": 0.0,  # > 0: calibrate z for this epsilon after `rounds` rounds
+      "delta": 0.0,  # 0 = num_clients ** -1.1
+      "accountant": "rdp",  # rdp | pld (dp_accounting)
+  })
 
   # Engine
   c.rounds_per_call = 10  # rounds fused with lax.scan per jitted call
