@@ -11,7 +11,8 @@ Modules: ``registry`` (the two registries), ``sources`` (digits, TFDS,
 LEAF Synthetic), ``partitioners``, ``pipeline`` (:func:`build_federated_data`,
 dataset ``synthetic``), ``federated`` (:class:`FederatedData`),
 ``server_sets`` (CODIST's unlabeled server sets), ``multitask`` (FedMuscle's
-multi-task users and public split, dataset ``digits_multitask``).
+multi-task users and public split, dataset ``digits_multitask``), ``mnist1d`` (MNIST-1D,
+generated offline and cached).
 """
 from fedjax_sim.data.registry import (DATASETS, PARTITIONERS, DatasetError, PartitionError,
                                       register_dataset, register_partitioner)
@@ -20,6 +21,7 @@ from fedjax_sim.data.federated import FederatedData
 from fedjax_sim.data.pipeline import build_federated_data  # registers synthetic
 from fedjax_sim.data.sources import Dataset, load, load_digits, load_tfds, synthetic_leaf
 from fedjax_sim.data.multitask import TASK_NAMES, TASKS, build_multitask_digits  # registers it
+from fedjax_sim.data.mnist1d import load_mnist1d  # registers mnist1d
 from fedjax_sim.data.server_sets import CodistData, build_codist_data, server_holdout
 
 __all__ = [
@@ -27,4 +29,5 @@ __all__ = [
     "register_partitioner", "train_test_split_clients", "FederatedData", "build_federated_data",
     "Dataset", "DatasetError", "load", "load_digits", "load_tfds", "synthetic_leaf", "TASKS",
     "TASK_NAMES", "build_multitask_digits", "CodistData", "build_codist_data", "server_holdout",
+    "load_mnist1d",
 ]

@@ -104,3 +104,146 @@ def test_zoo_1d_models_embed(arch, dim):
   ctx = BuildContext(spec=DataSpec((40,), 10, 1), seed=0, clients_per_round=1, rounds=1,
                      client={}, server={}, model=kind, model_kwargs=kwargs)
   assert ctx.embedding_fn()[1] == dim
+
+
+# ---------------------------------------------------------------------------------------------
+# The dataset: offline generation, the cache, the knobs, the pipeline.
+
+from fedjax_sim.data import mnist1d as m1d  # noqa: E402
+from fedjax_sim.data.registry import DatasetError  # noqa: E402
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+  """A fresh cache directory for the test (FEDJAX_SIM_CACHE)."""
+  monkeypatch.setenv("FEDJAX_SIM_CACHE", str(tmp_path / "cache"))
+  return tmp_path / "cache"
+
+
+@pytest.fixture
+def offline(monkeypatch):
+  """Any network use fails: sockets cannot connect and requests cannot send."""
+  import socket
+
+  import requests
+
+  def refuse(*args, **kwargs):
+    raise AssertionError("MNIST-1D touched the network")
+
+  monkeypatch.setattr(socket.socket, "connect", refuse)
+  monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+  monkeypatch.setattr(socket, "create_connection", refuse)
+  monkeypatch.setattr(requests.Session, "request", refuse)
+  monkeypatch.setattr(requests, "get", refuse)
+
+
+def test_generator_args_are_the_papers():
+  """Our pinned arguments are the package's defaults (the paper's): a changed package default
+  would silently change the dataset."""
+  from mnist1d.data import get_dataset_args
+  pkg = get_dataset_args(as_dict=True)
+  assert {k: v for k, v in pkg.items() if k not in ("url", "num_samples", "seed")} == \
+      m1d.GENERATOR_ARGS
+  assert (pkg["num_samples"], pkg["seed"]) == (5000, 42)
+  from fedjax_sim.data.registry import get_dataset, knobs_of
+  assert knobs_of(get_dataset("mnist1d")) == {"num_samples": 5000, "mnist1d_seed": 42}
+
+
+def test_default_is_the_papers_split_generated_offline(cache, offline):
+  """5,000 examples: 4,000 train and 1,000 test of [40] float32, standardized, balanced, equal
+  to the package's generator with the same arguments; no network; global RNGs untouched."""
+  import random
+
+  from mnist1d.data import make_dataset
+  from mnist1d.utils import ObjectView
+  np.random.seed(7)
+  random.seed(7)
+  before = (np.random.get_state()[1].copy(), random.getstate())
+  ds = m1d.load_mnist1d()
+  assert np.array_equal(np.random.get_state()[1], before[0]) and random.getstate() == before[1]
+  assert ds.train_x.shape == (4000, 40) and ds.test_x.shape == (1000, 40)
+  assert ds.train_x.dtype == np.float32 and ds.train_y.dtype == np.int32
+  assert ds.input_shape == (40,) and ds.num_classes == 10 and ds.name == "mnist1d"
+  ys = np.concatenate([ds.train_y, ds.test_y])
+  assert np.bincount(ys).tolist() == [500] * 10
+  xs = np.concatenate([ds.train_x, ds.test_x])
+  assert abs(xs.mean()) < 1e-4 and abs(xs.std() - 1) < 1e-3
+  ref = make_dataset(ObjectView({**m1d.GENERATOR_ARGS, "num_samples": 5000, "seed": 42}))
+  np.testing.assert_array_equal(ds.train_x, ref["x"].astype(np.float32))
+  np.testing.assert_array_equal(ds.test_y, ref["y_test"])
+  assert len(list((cache / "mnist1d").glob("*.npz"))) == 1
+
+
+def test_cache_is_read_and_a_corrupt_file_regenerated(cache, offline, monkeypatch):
+  first = m1d.load_arrays(200, seed=3)
+  path = m1d.cache_path(200, 3)
+  assert path.startswith(str(cache)) and "n200_seed3_" in path
+  import mnist1d.data
+
+  def fail(*args, **kwargs):
+    raise AssertionError("regenerated although the cache holds the arrays")
+
+  with monkeypatch.context() as m:
+    m.setattr(mnist1d.data, "make_dataset", fail)
+    again = m1d.load_arrays(200, seed=3)
+  for k in first:
+    np.testing.assert_array_equal(again[k], first[k])
+  wrong = dict(first, x=first["x"][:10])  # a readable file that does not hold what it should
+  for content in (b"not an npz file", None):
+    if content is None:
+      np.savez(path, **wrong)
+    else:
+      with open(path, "wb") as f:
+        f.write(content)
+    fixed = m1d.load_arrays(200, seed=3)
+    for k in first:
+      np.testing.assert_array_equal(fixed[k], first[k])
+    with np.load(path) as f:  # rewritten
+      assert f["x"].shape == (160, 40)
+  assert not m1d.load_arrays(200, seed=4)["x"].tolist() == first["x"].tolist()
+
+
+def test_unwritable_cache_still_loads(tmp_path, monkeypatch):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  monkeypatch.setenv("FEDJAX_SIM_CACHE", str(blocker / "sub"))
+  assert m1d.load_arrays(100, seed=0)["x"].shape == (80, 40)
+
+
+@pytest.mark.parametrize("knobs,match", [
+    ({"num_samples": 105}, "data.num_samples=105 must be a multiple of 10"),
+    ({"num_samples": 10}, "data.num_samples=10 .*at least 20"),
+    ({"num_samples": "5000"}, "data.num_samples='5000'"),
+    ({"mnist1d_seed": -1}, "data.mnist1d_seed=-1"),
+])
+def test_bad_knobs_fail_with_one_line(knobs, match):
+  with pytest.raises(DatasetError, match=match) as err:
+    m1d.load_mnist1d(**knobs)
+  assert "\n" not in str(err.value) and "--config.data." in str(err.value)
+
+
+def test_fedavg_mnist1d_config_runs(cache, tmp_path):
+  """--config.data.dataset=mnist1d through the library's run: the shipped config's smoke
+  variant at 200 examples over 10 clients, the paper's CNN; knobs reach the dataset."""
+  import importlib.util
+
+  from fedjax_sim.launch import configs
+  from fedjax_sim.launch.experiment import build_experiment, train_and_evaluate
+  spec = importlib.util.spec_from_file_location("fedavg_mnist1d", configs.path("fedavg_mnist1d"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  cfg = mod.get_config("smoke")
+  assert (cfg.data.dataset, cfg.data.num_clients, cfg.data.partition, cfg.data.alpha,
+          cfg.model) == ("mnist1d", 100, "dirichlet", 0.5, "cnn1d")
+  cfg.data.num_samples, cfg.data.num_clients, cfg.clients_per_round = 200, 10, 5
+  cfg.rounds, cfg.progress = 5, False
+  exp = build_experiment(cfg)
+  assert exp.data.input_shape == (40,) and len(exp.data.test_y) == 40
+  assert int(np.asarray(exp.data.train.num_examples).sum()
+             + np.asarray(exp.data.test.num_examples).sum()) == 160
+  row = train_and_evaluate(cfg, str(tmp_path / "run"), experiment=exp)
+  assert row["round"] == 5 and 0.0 <= row["test_accuracy"] <= 1.0
+  central = mod.get_config("centralized,logreg")
+  assert (central.data.num_clients, central.clients_per_round, central.data.client_test_fraction,
+          central.batch_size, central.server_optimizer, central.server_lr, central.rounds,
+          tuple(central.model_kwargs.hidden)) == (1, 1, 0.0, 100, "adam", 1e-2, 6000, ())
