@@ -23,11 +23,13 @@ from fedjax_sim.data.sources import Dataset, load, load_digits, load_tfds, synth
 from fedjax_sim.data.multitask import TASK_NAMES, TASKS, build_multitask_digits  # registers it
 from fedjax_sim.data.mnist1d import load_mnist1d  # registers mnist1d
 from fedjax_sim.data.server_sets import CodistData, build_codist_data, server_holdout
+from fedjax_sim.data.natural import load_leaf, load_parquet, load_sqlite  # registers them
 
 __all__ = [
     "DATASETS", "PARTITIONERS", "PartitionError", "partition", "register_dataset",
     "register_partitioner", "train_test_split_clients", "FederatedData", "build_federated_data",
     "Dataset", "DatasetError", "load", "load_digits", "load_tfds", "synthetic_leaf", "TASKS",
     "TASK_NAMES", "build_multitask_digits", "CodistData", "build_codist_data", "server_holdout",
+    "load_leaf", "load_parquet", "load_sqlite",
     "load_mnist1d",
 ]

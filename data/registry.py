@@ -30,6 +30,7 @@ Names are matched case-insensitively.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Callable, Iterable, Mapping
 
@@ -135,10 +136,17 @@ def get_partitioner(name: str) -> tuple[str, Callable]:
 def get_dataset(name: str) -> Callable:
   """The function of dataset ``name``.
 
+  A name ``<prefix>:<arg>`` that is not registered itself resolves to the
+  dataset registered as ``<prefix>:<path>`` with ``<arg>`` (case kept) bound to
+  its first parameter (``leaf:data/shakespeare/data`` -> ``load_leaf(path)``).
+
   Raises:
     DatasetError: unknown name (the message lists the registered ones).
   """
   key = str(name).lower()
+  prefix, colon, arg = str(name).partition(":")
+  if key not in DATASETS and colon and f"{prefix.lower()}:<path>" in DATASETS:
+    return functools.partial(DATASETS[f"{prefix.lower()}:<path>"], arg)
   if key not in DATASETS:
     raise DatasetError(f"Unknown dataset '{name}'; set --config.data.dataset to one of "
                        f"{_names(DATASETS)} (digits is embedded; tfds:* read a prepared "

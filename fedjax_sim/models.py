@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fedjax_sim.text import CharGRU
+
 
 class MLP(nn.Module):
   """Fully connected ReLU network (FedAvg paper's 2NN is hidden=(200, 200))."""
@@ -169,6 +171,7 @@ class GRU(nn.Module):
 
 MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "cnn": CNN, "resnet": ResNet,
                                                "cnn1d": CNN1D, "gru": GRU}
+MODELS["char_gru"] = CharGRU  # next-character model (fedjax_sim/text.py)
 
 
 def build_model(name: str, num_classes: int, **kwargs) -> nn.Module:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_sim.client_data import ClientData
+from fedjax_sim import text
 
 PyTree = Any
 
@@ -136,8 +137,13 @@ class FederatedAlgorithm(NamedTuple):
 def masked_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
   """Mean softmax cross-entropy over the real (mask=True) rows; 0 if none.
 
-  Args: logits float32 [B, L]; labels int32 [B]; mask bool [B].
+  Args: logits float32 [B, L]; labels int32 [B]; mask bool [B]. A sequence task
+  (logits [B, T, V], labels int32 [B, T]) gets the mean over the tokens that count:
+  real rows' targets >= 0 (:data:`fedjax_sim.text.IGNORE` targets are skipped).
   """
+  if labels.ndim > 1:
+    w = text.token_weights(labels, mask)
+    return jnp.sum(text.token_cross_entropy(logits, labels) * w) / jnp.maximum(jnp.sum(w), 1.0)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   m = mask.astype(logits.dtype)
   return jnp.sum(ce * m) / jnp.maximum(jnp.sum(m), 1.0)
