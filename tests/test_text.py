@@ -72,6 +72,13 @@ def test_leaf_pairs_shift_by_one_and_skip_oov_targets():
   assert vocab.decode(x[0]) == "o?wor" and vocab.decode(y[0]) == "_worl"  # OOV target skipped
   assert vocab.decode(x[1]) == "ab" and vocab.decode(y[1]) == "bc___"  # padded on the right
   np.testing.assert_array_equal(x[1, 2:], vocab.PAD)
+  # Equal lengths (LEAF's 80 + 1) take one vectorized encode; it equals the per-example loop
+  # that a batch of mixed lengths takes.
+  xs, ys = [SPEECH[i:i + 80] for i in range(30)], [SPEECH[i + 80] for i in range(30)]
+  fast = vocab.encode_pairs(xs, ys, T)
+  loop = vocab.encode_pairs(xs + ["a"], ys + ["b"], T)
+  for f, s in zip(fast, loop):
+    np.testing.assert_array_equal(f, s[:30])
 
 
 # ----------------------------------------------------------------------------- metrics
