@@ -21,7 +21,7 @@ import optax
 
 from fedjax_sim.protocol import (FederatedAlgorithm, LocalSpec, client_optimizer,
                                  client_update_from_local, masked_cross_entropy,
-                                 tree_weighted_mean)
+                                 reads_weighted_mean, tree_weighted_mean)
 from fedjax_sim.algorithms.optimizers import scale_by_rss_outer_eps, server_optimizer  # noqa: F401
 from fedjax_sim.algorithms.registry import register
 
@@ -80,6 +80,7 @@ def fedavg(apply_fn: Callable, init_params: Callable[[jax.Array], Any], *,
       optimizer=lambda info: client_optimizer(client_lr, client_momentum, lr_decay, info.round),
       finish=finish, epochs=epochs, batch_size=batch_size, local_steps=local_steps)
 
+  @reads_weighted_mean
   def server_update(server_state, uploads, weights, info, rng):
     del info, rng
     delta = tree_weighted_mean(uploads, weights)

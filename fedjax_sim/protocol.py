@@ -118,6 +118,9 @@ class FederatedAlgorithm(NamedTuple):
     local: optional :class:`LocalSpec`, the client update in step form
       (``client_update`` is then ``client_update_from_local(local)``); needed
       by the streaming schedule (``make_round(..., schedule="stream")``).
+
+  A ``server_update`` marked with :func:`reads_weighted_mean` reads its uploads only as their
+  weighted mean; the streaming schedule then never stacks them (see there).
   """
   name: str
   init: Callable[[jax.Array], PyTree]
@@ -340,6 +343,26 @@ def client_update_from_local(spec: LocalSpec) -> Callable[..., tuple[PyTree, PyT
                       batch_size=spec.batch_size, local_steps=spec.local_steps)
     return spec.finish(broadcast, client_state, aux, res.params, res.metrics, data, info)
   return client_update
+
+
+def reads_weighted_mean(server_update: Callable) -> Callable:
+  """Marks ``server_update`` as reading its uploads ONLY as ``tree_weighted_mean(uploads,
+  weights)`` (FedAvg, FedOpt, FedProx).
+
+  The streaming schedule then folds each finished client into a running weighted sum and
+  calls ``server_update`` with the mean as ONE upload ([1, ...], weights [1.0]), so a round's
+  memory does not grow with K (the chunked schedule still stacks [K, ...]). The mark is an
+  attribute of the function object, so a wrapper that replaces ``server_update`` (a DP
+  aggregator clipping each upload, ``alg._replace(server_update=...)``) drops it and gets the
+  stacked uploads again.
+  """
+  server_update.reads_weighted_mean = True
+  return server_update
+
+
+def is_mean_reader(server_update: Callable) -> bool:
+  """True if ``server_update`` was marked by :func:`reads_weighted_mean`."""
+  return bool(getattr(server_update, "reads_weighted_mean", False))
 
 
 def tree_weighted_mean(tree: PyTree, weights: jax.Array) -> PyTree:

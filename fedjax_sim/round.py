@@ -156,8 +156,8 @@ def make_round(algorithm: FederatedAlgorithm, sampler: Optional[Sampler] = None,
     jit: False returns the un-jitted function (for tests and tracing).
     schedule: ``"chunked"`` (size-sorted chunks, ``lax.map`` over chunks) or
       ``"stream"`` (clients stream through ``slots`` vmapped slots in one
-      ``while_loop``, :mod:`fedjax_sim.stream`; single-model algorithms with
-      ``local``, one device; ``chunk_size`` is then unused).
+      ``while_loop`` per device, :mod:`fedjax_sim.stream`; single-model algorithms with
+      ``local``; ``chunk_size`` is then unused).
     slots: W for ``schedule="stream"`` (default ``min(K, stream.DEFAULT_SLOTS)``).
 
   Returns:
@@ -197,8 +197,8 @@ def make_round(algorithm: FederatedAlgorithm, sampler: Optional[Sampler] = None,
     raise ValueError("schedule='stream' needs a fixed-size cohort; the Poisson sampler's "
                      "varies: use schedule='chunked' or another --config.sampler.")
   if schedule == "stream":
-    stream_phase = stream.make_stream_phase(algorithm, sampler, slots=slots,
-                                            num_devices=devices, sort_by_size=sort_by_size)
+    stream_phase = stream.make_stream_phase(algorithm, sampler, slots=slots, mesh=mesh,
+                                            sort_by_size=sort_by_size)
 
   def sharded_block(pl: _PoolPlan, client_fn):
     """``client_fn(shared, cstate, data, rng, info)`` over the cohort, sharded and chunked."""
@@ -278,8 +278,8 @@ def make_round(algorithm: FederatedAlgorithm, sampler: Optional[Sampler] = None,
     sampler_states = state.sampler if pooled else (state.sampler,)
     # A pool's cohort key depends on its name, not its position (seeding.pool_sample_key).
     if stream_phase is not None:
-      *out, streamed_slots = stream_phase(bcast, state.clients, state.sampler, data, k_sample,
-                                          k_clients, state.round)
+      *out, streamed_slots, server_args = stream_phase(
+          bcast, state.clients, state.sampler, data, k_sample, k_clients, state.round)
       outs = [out]
     else:
       outs = [pool_phase(pl, blk, bcast, cs, ss, data,
@@ -291,8 +291,9 @@ def make_round(algorithm: FederatedAlgorithm, sampler: Optional[Sampler] = None,
       server, smetrics = algorithm.server_update(state.server, uploads, weights, infos, k_server)
       clients, sampler_state = new_clients, new_samplers
     else:
-      server, smetrics = algorithm.server_update(state.server, uploads[0], weights[0], infos[0],
-                                                 k_server)
+      # The stream may hand a mean-reading server its running mean instead of [K] uploads.
+      up, wt = server_args if stream_phase is not None else (uploads[0], weights[0])
+      server, smetrics = algorithm.server_update(state.server, up, wt, infos[0], k_server)
       clients, sampler_state = new_clients[0], new_samplers[0]
 
     metrics, useful, processed = {}, 0.0, 0.0

@@ -25,10 +25,23 @@ so the streamed round equals the per-client reference loop
 schedule on the stacked uploads [K, ...] (size-sorted cohort order, no padding
 slots) and weights [K].
 
+**Servers that need only the mean.** When ``server_update`` is marked with
+:func:`fedjax_sim.protocol.reads_weighted_mean` (FedAvg, FedOpt, FedProx), a finishing client is
+folded into a running weighted sum (sum_k n_k u_k, sum_k n_k) instead of a [K, ...] upload
+buffer, and ``server_update`` receives the mean as one upload ([1, ...], weights [1.0]): the
+round's memory then does not grow with K (client metrics, K scalars each, are still kept).
+The summation order differs from the stacked mean's, so the server state equals the chunked
+schedule's to float32 rounding, not bit for bit.
+
+**Several devices.** The size-sorted queue is dealt round-robin over the mesh's ``clients``
+axis (queue position q goes to device q mod D, so every device gets a similar share of long
+and short clients), padded to a multiple of D with empty entries (0 steps, weight 0). Each
+device streams its share through its own W slots inside ``shard_map``; running sums are
+``psum``-ed, per-client outputs gathered back into queue order.
+
 Supported: single-model algorithms that define ``FederatedAlgorithm.local``
-(a :class:`~fedjax_sim.protocol.LocalSpec`), without ``client_query``, on one
-device (a mesh of more devices raises; sharding the queue over devices is
-future work).
+(a :class:`~fedjax_sim.protocol.LocalSpec`), without ``client_query``, on any
+number of devices.
 
 Axis legend: C clients, K cohort, W slots, N examples per client, B batch.
 """
@@ -39,10 +52,16 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+
 from fedjax_sim.client_data import batch_rows, gather_clients
 from fedjax_sim.protocol import (ClientInfo, FederatedAlgorithm, LocalCarry, LocalPlan,
-                                 ServerInfo, local_batch, local_metrics, local_plan, local_step)
+                                 ServerInfo, is_mean_reader, local_batch, local_metrics,
+                                 local_plan, local_step)
 from fedjax_sim.sampling import Sampler
+
+CLIENTS_AXIS = "clients"
 
 DEFAULT_SLOTS = 10  # the fastest W of bench/STREAM.md (digits, K=20 and 100); provisional
 
@@ -61,7 +80,8 @@ class _Loop(NamedTuple):
   slots: _Slot  # [W, ...]
   next_q: jax.Array  # int32 []: next queue position to load
   iters: jax.Array  # int32 []: loop iterations (each one W slot-steps)
-  out: Any  # (uploads, client states, metrics), each [K, ...]
+  out: Any  # (uploads or None, client states, metrics), each [K_d, ...]
+  acc: Any  # (sum_k n_k upload_k, sum_k n_k) when the server reads only the mean, else ()
 
 
 def supported(algorithm: FederatedAlgorithm) -> Optional[str]:
@@ -76,7 +96,7 @@ def supported(algorithm: FederatedAlgorithm) -> Optional[str]:
 
 
 def make_stream_phase(algorithm: FederatedAlgorithm, sampler: Sampler, *,
-                      slots: Optional[int], num_devices: int,
+                      slots: Optional[int], mesh: Mesh,
                       sort_by_size: bool = True) -> Callable[..., tuple]:
   """The client phase of a streamed round (used by :func:`fedjax_sim.round.make_round`).
 
@@ -84,20 +104,24 @@ def make_stream_phase(algorithm: FederatedAlgorithm, sampler: Sampler, *,
     algorithm: a single-model algorithm with ``local`` (a LocalSpec) and no
       ``client_query``.
     sampler: cohort sampler (K = ``sampler.clients_per_round``).
-    slots: W, clients trained side by side (vmapped); capped at K. None:
-      ``min(K, DEFAULT_SLOTS)``.
-    num_devices: devices of the round's mesh (must be 1).
+    slots: W, clients trained side by side (vmapped) on each device; capped at the device's
+      queue length ceil(K / D). None: ``min(ceil(K / D), DEFAULT_SLOTS)``.
+    mesh: the round's 1-D mesh (axis ``clients``, D devices).
     sort_by_size: queue the cohort longest first (else in the sampler's order).
 
   Returns:
     ``phase(bcast, clients [C, ...], sampler_state, data, k_sample, k_clients,
-    round) -> (uploads [K, ...], weights float32 [K], ServerInfo, clients [C, ...],
-    sampler_state, metrics {name: float32 [K]}, processed float32 [])`` where
-    ``processed`` = slot-steps x B (example slots run, for ``padding_efficiency``).
+    round) -> (uploads, weights float32 [K], ServerInfo, clients [C, ...],
+    sampler_state, metrics {name: float32 [K]}, processed float32 [], server_args)`` where
+    ``uploads`` are [K, ...] in queue (size-sorted) order, ``processed`` = slot-steps x B
+    (example slots run, for ``padding_efficiency``) and ``server_args`` = (uploads, weights)
+    to pass to ``server_update``: the stacked ones, or the running mean ([1, ...], [1.0])
+    for a server marked :func:`~fedjax_sim.protocol.reads_weighted_mean` (``uploads`` is
+    then None).
 
   Raises:
     ValueError: the algorithm cannot stream (model pools, no ``local``, a
-      ``client_query``), ``slots`` < 1, or a mesh of more than one device.
+      ``client_query``), or ``slots`` < 1.
   """
   why = supported(algorithm)
   if why is not None:
@@ -105,65 +129,77 @@ def make_stream_phase(algorithm: FederatedAlgorithm, sampler: Sampler, *,
                      f"update (FederatedAlgorithm.local) and no client_query, e.g. fedavg, "
                      f"fedadam, fedyogi, fedadagrad, fedprox, local; {why}: use "
                      f"schedule='chunked'.")
-  if num_devices != 1:
-    raise ValueError(f"schedule='stream' runs on one device, but the mesh has {num_devices}: "
-                     "pass mesh=make_mesh(1) or use schedule='chunked'.")
-  k = sampler.clients_per_round
   if slots is not None and slots < 1:
     raise ValueError(f"slots={slots} must be >= 1 for schedule='stream'.")
-  w = min(k, slots or DEFAULT_SLOTS)
+  k = sampler.clients_per_round
+  devices = mesh.devices.size
+  kd = -(-k // devices)  # queue length per device
+  kp = kd * devices
+  w = min(kd, slots or DEFAULT_SLOTS)
   spec = algorithm.local
   bsz = spec.batch_size
+  mean_only = is_mean_reader(algorithm.server_update)
+  # Device-major order: device d holds queue positions d, d + D, d + 2D, ...
+  to_dev = np.arange(kp).reshape(kd, devices).T.reshape(-1)
+  from_dev = np.argsort(to_dev)
 
-  def phase(bcast, clients, sampler_state, data, k_sample, k_clients, round_):
-    ids, sampler_state = sampler.sample(k_sample, round_, sampler_state)
-    n = data.num_examples[ids]
-    if sort_by_size:
-      order = jnp.argsort(-n, stable=True)
-      ids, n = ids[order], n[order]
-    cstate_q = jax.tree.map(lambda a: a[ids], clients)  # [K, ...], queue order
-    rng_q = jax.vmap(lambda i: jax.random.fold_in(k_clients, i))(ids)
-    info_q = ClientInfo(ids, jnp.broadcast_to(round_, ids.shape), jnp.ones(ids.shape, bool))
+  def device_queue(bcast, data, ids, n, valid, cstate_q, rng_q, round_):
+    """Streams ONE device's queue of K_d clients through its W slots."""
+    info_q = ClientInfo(ids, jnp.broadcast_to(round_, ids.shape), valid)
     at = lambda tree, q: jax.tree.map(lambda a: a[q], tree)
-    client_data = lambda gid: gather_clients(data, gid)
+
+    def client_data(q):
+      cdata = gather_clients(data, ids[q])
+      return cdata._replace(num_examples=n[q], mask=cdata.mask & valid[q])
 
     def load(q):
-      """ONE slot loads queue position q (clipped to [0, K)): begin, plan, fresh optimizer."""
-      info, rng, cdata = at(info_q, q), rng_q[q], client_data(ids[q])
+      """ONE slot loads queue position q (clipped to [0, K_d)): begin, plan, fresh optimizer."""
+      info, rng, cdata = at(info_q, q), rng_q[q], client_data(q)
       params0, aux = spec.begin(bcast, at(cstate_q, q), cdata, rng, info)
       plan = local_plan(cdata, rng, epochs=spec.epochs, batch_size=bsz,
                         local_steps=spec.local_steps)
+      plan = plan._replace(steps=jnp.where(valid[q], plan.steps, 0))
       carry = LocalCarry(params0, spec.optimizer(info).init(params0), jnp.float32(0.0),
                          jnp.int32(0))
       return _Slot(q, jnp.int32(0), info, plan, aux, carry)
 
     def finish(slot):
       """ONE slot's client is done: (upload, new client state, metrics)."""
-      q = jnp.minimum(slot.q, k - 1)
+      q = jnp.minimum(slot.q, kd - 1)
       metrics = local_metrics(slot.carry, slot.plan.steps, bsz)
       return spec.finish(bcast, at(cstate_q, q), slot.aux, slot.carry.params, metrics,
-                         client_data(ids[q]), slot.info)
+                         client_data(q), slot.info)
 
     def step(slot):
       """ONE local step of ONE slot's client (local_train's step s)."""
       idx, bmask = local_batch(slot.plan, slot.s, bsz)
-      gid = slot.info.client_id
+      x, y = batch_rows(data, slot.info.client_id, idx, bmask)
       loss = lambda p, x, y, m, r: spec.loss(p, slot.aux, x, y, m, r)
-      x, y = batch_rows(data, gid, idx, bmask)
-      return local_step(loss, spec.optimizer(slot.info), slot.carry, x, y, bmask, jax.random.fold_in(slot.plan.loss_key, slot.s))
+      return local_step(loss, spec.optimizer(slot.info), slot.carry, x, y, bmask,
+                        jax.random.fold_in(slot.plan.loss_key, slot.s))
 
     select = lambda mask, new, old: jax.tree.map(
         lambda a, b: jnp.where(mask.reshape(mask.shape + (1,) * (a.ndim - 1)), a, b), new, old)
-    finishing = lambda sl: (sl.q < k) & (sl.s >= sl.plan.steps)
+    finishing = lambda sl: (sl.q < kd) & (sl.s >= sl.plan.steps)
 
     def refill(c: _Loop) -> _Loop:
       sl = c.slots
       done = finishing(sl)
-      free = (sl.q >= k) | done
-      outs = jax.vmap(finish)(sl)
+      free = (sl.q >= kd) | done
+      upload, cstate, metrics = jax.vmap(finish)(sl)
+      acc = c.acc
+      if mean_only:  # fold the finished clients into the running weighted sum
+        wts = jnp.where(done, n[jnp.minimum(sl.q, kd - 1)], 0).astype(jnp.float32)
+        total, wsum = acc
+        total = jax.tree.map(lambda t, u: t + jnp.tensordot(wts.astype(u.dtype), u, axes=1),
+                             total, upload)
+        acc = (total, wsum + jnp.sum(wts))
+        outs = (None, cstate, metrics)
+      else:
+        outs = (upload, cstate, metrics)
       # One dynamic_update_slice per slot (row-sized, in place); a slot that finishes nothing
       # rewrites its row's current value.
-      dest = jnp.minimum(sl.q, k - 1)
+      dest = jnp.minimum(sl.q, kd - 1)
       out = c.out
       for i in range(w):
         def put(buf, u, i=i):
@@ -171,31 +207,68 @@ def make_stream_phase(algorithm: FederatedAlgorithm, sampler: Sampler, *,
           return jax.lax.dynamic_update_index_in_dim(buf, row, dest[i], 0)
         out = jax.tree.map(put, out, outs)
       newq = c.next_q + jnp.cumsum(free.astype(jnp.int32)) - 1
-      take = free & (newq < k)
-      loaded = jax.vmap(load)(jnp.minimum(newq, k - 1))
+      take = free & (newq < kd)
+      loaded = jax.vmap(load)(jnp.minimum(newq, kd - 1))
       sl = select(take, loaded, sl)
-      sl = sl._replace(q=jnp.where(take, newq, jnp.where(free, k, sl.q)))
-      return _Loop(sl, c.next_q + jnp.sum(take.astype(jnp.int32)), c.iters, out)
+      sl = sl._replace(q=jnp.where(take, newq, jnp.where(free, kd, sl.q)))
+      return _Loop(sl, c.next_q + jnp.sum(take.astype(jnp.int32)), c.iters, out, acc)
 
     def body(c: _Loop) -> _Loop:
       sl = c.slots
-      active = (sl.q < k) & (sl.s < sl.plan.steps)
+      active = (sl.q < kd) & (sl.s < sl.plan.steps)
       carry = select(active, jax.vmap(step)(sl), sl.carry)
       sl = sl._replace(carry=carry, s=sl.s + active.astype(jnp.int32))
       c = c._replace(slots=sl, iters=c.iters + 1)
       return jax.lax.cond(jnp.any(finishing(sl)), refill, lambda c: c, c)
 
     idle = jax.vmap(load)(jnp.zeros((w,), jnp.int32))
-    idle = idle._replace(q=jnp.full((w,), k, jnp.int32))
-    one_out = jax.eval_shape(finish, at(idle, 0))
-    out = jax.tree.map(lambda s: jnp.zeros((k,) + s.shape, s.dtype), one_out)
-    c = refill(_Loop(idle, jnp.int32(0), jnp.int32(0), out))
-    c = jax.lax.while_loop(lambda c: jnp.any(c.slots.q < k), body, c)
+    idle = idle._replace(q=jnp.full((w,), kd, jnp.int32))
+    upload1, cstate1, metrics1 = jax.eval_shape(finish, at(idle, 0))
+    buf = lambda tree: jax.tree.map(lambda s: jnp.zeros((kd,) + s.shape, s.dtype), tree)
+    if mean_only:
+      out = (None, buf(cstate1), buf(metrics1))
+      acc = (jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), upload1), jnp.float32(0.0))
+    else:
+      out, acc = (buf(upload1), buf(cstate1), buf(metrics1)), ()
+    c = refill(_Loop(idle, jnp.int32(0), jnp.int32(0), out, acc))
+    c = jax.lax.while_loop(lambda c: jnp.any(c.slots.q < kd), body, c)
+    acc = jax.lax.psum(c.acc, CLIENTS_AXIS) if mean_only else ()
+    return c.out, acc, c.iters[None]
 
-    uploads, new_cstate, cmetrics = c.out
+  sharded_queue = jax.shard_map(
+      device_queue, mesh=mesh,
+      in_specs=(P(), P(), P(CLIENTS_AXIS), P(CLIENTS_AXIS), P(CLIENTS_AXIS), P(CLIENTS_AXIS),
+                P(CLIENTS_AXIS), P()),
+      out_specs=(P(CLIENTS_AXIS), P(), P(CLIENTS_AXIS)), check_vma=False)
+
+  def phase(bcast, clients, sampler_state, data, k_sample, k_clients, round_):
+    ids, sampler_state = sampler.sample(k_sample, round_, sampler_state)
+    n = data.num_examples[ids]
+    if sort_by_size:
+      order = jnp.argsort(-n, stable=True)
+      ids, n = ids[order], n[order]
+    pad = lambda a: jnp.concatenate([a, jnp.broadcast_to(a[-1:], (kp - k,) + a.shape[1:])])
+    valid = jnp.arange(kp) < k
+    ids_d, valid_d = pad(ids)[to_dev], valid[to_dev]
+    n_d = jnp.where(valid_d, pad(n)[to_dev], 0)
+    cstate_d = jax.tree.map(lambda a: a[ids_d], clients)
+    rng_d = jax.vmap(lambda i: jax.random.fold_in(k_clients, i))(ids_d)
+    (uploads, new_cstate, cmetrics), acc, iters = sharded_queue(
+        bcast, data, ids_d, n_d, valid_d, cstate_d, rng_d, round_)
+    queue = lambda tree: jax.tree.map(lambda a: a[from_dev][:k], tree)
+    new_cstate, cmetrics = queue(new_cstate), queue(cmetrics)
     clients = jax.tree.map(lambda a, u: a.at[ids].set(u), clients, new_cstate)
+    weights = n.astype(jnp.float32)
+    if mean_only:
+      total, wsum = acc
+      mean = jax.tree.map(lambda t: t / jnp.maximum(wsum, 1e-12).astype(t.dtype), total)
+      uploads, server_args = None, (jax.tree.map(lambda a: a[None], mean), jnp.ones((1,)))
+    else:
+      uploads = queue(uploads)
+      server_args = (uploads, weights)
     sinfo = ServerInfo(round_, ids, n, jnp.ones(ids.shape, bool), None)
-    processed = (c.iters * w * bsz).astype(jnp.float32)
-    return uploads, n.astype(jnp.float32), sinfo, clients, sampler_state, cmetrics, processed
+    processed = (jnp.sum(iters) * w * bsz).astype(jnp.float32)
+    return (uploads, weights, sinfo, clients, sampler_state, cmetrics, processed,
+            server_args)
 
   return phase

@@ -85,3 +85,67 @@ def test_unknown_schedule_and_bad_slots_raise():
     make_round(exp.algorithm, exp.sampler, seed=0, mesh=exp.mesh, schedule="lanes")
   with pytest.raises(ValueError, match="slots=0"):
     make_round(exp.algorithm, exp.sampler, seed=0, mesh=exp.mesh, schedule="stream", slots=0)
+
+
+def test_running_mean_equals_stacked_uploads():
+  """FedAvg's server reads only the weighted mean, so the stream folds uploads into a running
+  sum; an unmarked wrapper of the same server_update gets the stacked [K] uploads. Same result
+  to float32 rounding; the mark is dropped by _replace(server_update=...)."""
+  from fedjax_sim.protocol import is_mean_reader
+  exp = build_experiment(experiment_config("fedavg"))
+  alg, sampler, data = exp.algorithm, exp.sampler, exp.data.train
+  assert is_mean_reader(alg.server_update)
+  stacked = alg._replace(server_update=lambda *a: alg.server_update(*a))
+  assert not is_mean_reader(stacked.server_update)
+  out = []
+  for a in (alg, stacked):
+    state = init_state(a, sampler, NUM_CLIENTS, seed=0, mesh=exp.mesh)
+    fn = make_round(a, sampler, seed=0, mesh=exp.mesh, schedule="stream", slots=2,
+                    donate=False)
+    for _ in range(ROUNDS):
+      state, metrics = fn(state, data)
+    out.append((state, metrics))
+  assert_close(out[0][0].server, out[1][0].server, "fedavg", "running mean vs stacked: ")
+  np.testing.assert_allclose(out[0][1]["loss"], out[1][1]["loss"], rtol=1e-6)
+
+
+_DEVICES_CODE = r"""
+import json, jax, numpy as np
+from jax.sharding import Mesh
+from test_registry_equivalence import experiment_config, NUM_CLIENTS
+from fedjax_sim.round import init_state, make_round, make_mesh, replicate
+from fedjax_sim.launch.experiment import build_experiment
+out = {}
+for name in ("fedavg", "local", "fedprox"):
+  exp = build_experiment(experiment_config(name))
+  res = []
+  for d in (1, 8):
+    mesh = make_mesh(d)
+    state = init_state(exp.algorithm, exp.sampler, NUM_CLIENTS, seed=0, mesh=mesh)
+    fn = make_round(exp.algorithm, exp.sampler, seed=0, mesh=mesh, schedule="stream", slots=2)
+    data = replicate(jax.device_get(exp.data.train), mesh)
+    for _ in range(3):
+      state, m = fn(state, data)
+    res.append([np.asarray(x).ravel().tolist() for x in jax.tree.leaves((state.server,
+                                                                        state.clients))])
+  diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)), initial=0.0))
+             for a, b in zip(*res))
+  scale = max(float(np.max(np.abs(np.asarray(a)), initial=0.0)) for a in res[0])
+  out[name] = [diff, scale, float(m["padding_efficiency"][0])]
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_stream_one_device_equals_eight_devices():
+  """The queue dealt over 8 forced CPU devices (K = 5 padded to 8: three empty entries) equals
+  one device to float32 rounding (the running sum is psum-ed in another order)."""
+  import json
+  import os
+  from conftest import run_python
+  here = os.path.dirname(os.path.abspath(__file__))
+  code = f"import sys; sys.path.insert(0, {here!r})\n" + _DEVICES_CODE
+  out = json.loads(run_python(code, devices=8, timeout=600).split("RESULT")[1])
+  for name, (diff, scale, eff) in out.items():
+    assert scale > 0, name
+    assert diff <= 1e-6 + 1e-5 * scale, (name, diff, scale)
+    assert 0.0 < eff <= 1.0
