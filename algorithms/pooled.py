@@ -96,7 +96,10 @@ def fedavg_per_pool(archs: Sequence[str], spec: DataSpec, clients_per_round: int
         client_update=lambda b, c, d, r, i, alg=alg, p=p: alg.client_update(b[p], c, d, r, i),
         init_client=alg.init_client,
         eval_params=lambda s, c, alg=alg, p=p: alg.eval_params(s[p], c),
-        apply_fn=apply_fn, global_model=True))
+        apply_fn=apply_fn, global_model=True,
+        local=alg.local._replace(
+            begin=lambda b, *a, alg=alg, p=p: alg.local.begin(b[p], *a),
+            finish=lambda b, *a, alg=alg, p=p: alg.local.finish(b[p], *a))))
 
   def init(rng):
     return tuple(a.init(jax.random.fold_in(rng, p)) for p, a in enumerate(algs))

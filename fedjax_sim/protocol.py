@@ -67,6 +67,9 @@ class Pool(NamedTuple):
     global_model: True when the pool's model is one global model (its
       ``eval_params`` ignores the client state): it is then also evaluated on
       the global test set (``<pool>/global_test_accuracy``).
+    local: optional :class:`LocalSpec` of this pool's client update in step form (its
+      ``begin`` / ``finish`` receive the WHOLE broadcast, as ``client_update`` does); needed
+      by the streaming schedule.
   """
   name: str
   client_ids: Any
@@ -76,6 +79,7 @@ class Pool(NamedTuple):
   eval_params: Callable[[PyTree, PyTree], PyTree]
   apply_fn: Callable[[PyTree, jax.Array], jax.Array]
   global_model: bool = False
+  local: Optional["LocalSpec"] = None
 
 
 class FederatedAlgorithm(NamedTuple):

@@ -192,13 +192,13 @@ def make_round(algorithm: FederatedAlgorithm, sampler: Optional[Sampler] = None,
     plans, names = [plan(algorithm.client_update, None, sampler)], [""]
   if schedule not in ("chunked", "stream"):
     raise ValueError(f"schedule={schedule!r}; use 'chunked' or 'stream'.")
-  stream_phase = None
+  stream_phases = None
   if schedule == "stream" and sampler is not None and sampler.rate is not None:
     raise ValueError("schedule='stream' needs a fixed-size cohort; the Poisson sampler's "
                      "varies: use schedule='chunked' or another --config.sampler.")
   if schedule == "stream":
-    stream_phase = stream.make_stream_phase(algorithm, sampler, slots=slots, mesh=mesh,
-                                            sort_by_size=sort_by_size)
+    stream_phases = stream.make_stream_phases(algorithm, sampler, slots=slots, mesh=mesh,
+                                              sort_by_size=sort_by_size)
 
   def sharded_block(pl: _PoolPlan, client_fn):
     """``client_fn(shared, cstate, data, rng, info)`` over the cohort, sharded and chunked."""
@@ -277,23 +277,32 @@ def make_round(algorithm: FederatedAlgorithm, sampler: Optional[Sampler] = None,
     pool_states = state.clients if pooled else (state.clients,)
     sampler_states = state.sampler if pooled else (state.sampler,)
     # A pool's cohort key depends on its name, not its position (seeding.pool_sample_key).
-    if stream_phase is not None:
-      *out, streamed_slots, server_args = stream_phase(
-          bcast, state.clients, state.sampler, data, k_sample, k_clients, state.round)
-      outs = [out]
+    if stream_phases is not None:  # one queue per pool (or the single model's)
+      outs, server_args, streamed = [], [], []
+      for ph, cs, ss, nm in zip(stream_phases, pool_states, sampler_states, names):
+        *out, slots_run, args = ph(bcast, cs, ss, data,
+                                   seeding.pool_sample_key(k_sample, nm) if pooled else k_sample,
+                                   k_clients, state.round)
+        outs.append(out)
+        server_args.append(args)
+        streamed.append(slots_run)
     else:
       outs = [pool_phase(pl, blk, bcast, cs, ss, data,
                          seeding.pool_sample_key(k_sample, nm) if pooled else k_sample,
                          k_clients, state.round)
               for pl, blk, cs, ss, nm in zip(plans, blocks, pool_states, sampler_states, names)]
     uploads, weights, infos, new_clients, new_samplers, cmetrics = map(tuple, zip(*outs))
+    if stream_phases is not None:  # the stream may hand a mean-reading server its running mean
+      uploads, server_weights = (tuple(a[i] for a in server_args) for i in (0, 1))
+    else:
+      server_weights = weights
     if pooled:
-      server, smetrics = algorithm.server_update(state.server, uploads, weights, infos, k_server)
+      server, smetrics = algorithm.server_update(state.server, uploads, server_weights, infos,
+                                                 k_server)
       clients, sampler_state = new_clients, new_samplers
     else:
-      # The stream may hand a mean-reading server its running mean instead of [K] uploads.
-      up, wt = server_args if stream_phase is not None else (uploads[0], weights[0])
-      server, smetrics = algorithm.server_update(state.server, up, wt, infos[0], k_server)
+      server, smetrics = algorithm.server_update(state.server, uploads[0], server_weights[0],
+                                                 infos[0], k_server)
       clients, sampler_state = new_clients[0], new_samplers[0]
 
     metrics, useful, processed = {}, 0.0, 0.0
@@ -308,9 +317,9 @@ def make_round(algorithm: FederatedAlgorithm, sampler: Optional[Sampler] = None,
                         if k not in ("useful_examples", "batch_slots", "steps")})
     have_pad = all("useful_examples" in m and "batch_slots" in m for m in cmetrics)
     if have_pad:
-      for pl, m in zip(plans, cmetrics):
-        if stream_phase is not None:
-          processed += streamed_slots
+      for p, (pl, m) in enumerate(zip(plans, cmetrics)):
+        if stream_phases is not None:
+          processed += streamed[p]
         else:
           batch_slots = m["batch_slots"].reshape(-1, pl.layout.chunk)
           processed += jnp.sum(jnp.max(batch_slots, axis=1)) * pl.layout.chunk

@@ -87,27 +87,72 @@ class _Loop(NamedTuple):
 def supported(algorithm: FederatedAlgorithm) -> Optional[str]:
   """None if ``algorithm`` can stream, else the reason (one line)."""
   if algorithm.pools:
-    return f"algorithm '{algorithm.name}' has model pools"
-  if algorithm.local is None:
+    missing = [p.name for p in algorithm.pools if p.local is None]
+    if missing:
+      return (f"algorithm '{algorithm.name}' has model pools without a step-form client update "
+              f"(Pool.local): {missing}")
+  elif algorithm.local is None:
     return f"algorithm '{algorithm.name}' defines no step-form client update (local=LocalSpec)"
   if algorithm.client_query is not None:
     return f"algorithm '{algorithm.name}' has a client_query (a second client phase)"
   return None
 
 
-def make_stream_phase(algorithm: FederatedAlgorithm, sampler: Sampler, *,
-                      slots: Optional[int], mesh: Mesh,
-                      sort_by_size: bool = True) -> Callable[..., tuple]:
-  """The client phase of a streamed round (used by :func:`fedjax_sim.round.make_round`).
+def make_stream_phases(algorithm: FederatedAlgorithm, sampler: Optional[Sampler], *,
+                       slots: Optional[int], mesh: Mesh,
+                       sort_by_size: bool = True) -> list[Callable[..., tuple]]:
+  """One streamed client phase per queue: the single model's, or one per model pool.
+
+  Pools have different parameter shapes, so each pool streams its own cohort through its own
+  slots, one queue after the other in the same program; each pool samples
+  ``Pool.clients_per_round`` of its members uniformly (as the chunked schedule does).
 
   Args:
-    algorithm: a single-model algorithm with ``local`` (a LocalSpec) and no
-      ``client_query``.
-    sampler: cohort sampler (K = ``sampler.clients_per_round``).
+    algorithm: an algorithm :func:`supported` accepts.
+    sampler: the cohort sampler of a single-model algorithm (ignored for pools).
+    slots, mesh, sort_by_size: as :func:`make_stream_phase`.
+
+  Returns:
+    one ``phase`` (see :func:`make_stream_phase`) per pool, or a single one. A pool's phase
+    takes the pool's sampler key and client states and samples LOCAL member indices.
+
+  Raises:
+    ValueError: as :func:`make_stream_phase`.
+  """
+  why = supported(algorithm)
+  if why is not None:
+    raise ValueError(f"schedule='stream' needs a step-form client update "
+                     f"(FederatedAlgorithm.local, or Pool.local for every pool) and no "
+                     f"client_query, e.g. fedavg, fedadam, fedyogi, fedadagrad, fedprox, local, "
+                     f"fedavg_pools; {why}: use schedule='chunked'.")
+  if not algorithm.pools:
+    return [make_stream_phase(algorithm.local, sampler, slots=slots, mesh=mesh,
+                              sort_by_size=sort_by_size,
+                              mean_only=is_mean_reader(algorithm.server_update))]
+  from fedjax_sim import sampling  # noqa: PLC0415 - the pool samplers
+  return [make_stream_phase(p.local, sampling.uniform(len(p.client_ids), p.clients_per_round),
+                            slots=slots, mesh=mesh, sort_by_size=sort_by_size,
+                            client_ids=np.asarray(p.client_ids, np.int32))
+          for p in algorithm.pools]
+
+
+def make_stream_phase(spec, sampler: Sampler, *, slots: Optional[int], mesh: Mesh,
+                      sort_by_size: bool = True, mean_only: bool = False,
+                      client_ids: Optional[np.ndarray] = None) -> Callable[..., tuple]:
+  """The client phase of ONE streamed queue (used by :func:`fedjax_sim.round.make_round`).
+
+  Args:
+    spec: the step-form client update (:class:`~fedjax_sim.protocol.LocalSpec`).
+    sampler: cohort sampler (K = ``sampler.clients_per_round``); for a pool it samples local
+      member indices in [0, C_p).
     slots: W, clients trained side by side (vmapped) on each device; capped at the device's
       queue length ceil(K / D). None: ``min(ceil(K / D), DEFAULT_SLOTS)``.
     mesh: the round's 1-D mesh (axis ``clients``, D devices).
     sort_by_size: queue the cohort longest first (else in the sampler's order).
+    mean_only: the server reads only the uploads' weighted mean
+      (:func:`~fedjax_sim.protocol.reads_weighted_mean`): keep a running sum.
+    client_ids: int32 [C_p] global ids of a pool's members (None: the sampler's ids are
+      global ids).
 
   Returns:
     ``phase(bcast, clients [C, ...], sampler_state, data, k_sample, k_clients,
@@ -120,15 +165,8 @@ def make_stream_phase(algorithm: FederatedAlgorithm, sampler: Sampler, *,
     then None).
 
   Raises:
-    ValueError: the algorithm cannot stream (model pools, no ``local``, a
-      ``client_query``), or ``slots`` < 1.
+    ValueError: ``slots`` < 1.
   """
-  why = supported(algorithm)
-  if why is not None:
-    raise ValueError(f"schedule='stream' needs a single-model algorithm with a step-form client "
-                     f"update (FederatedAlgorithm.local) and no client_query, e.g. fedavg, "
-                     f"fedadam, fedyogi, fedadagrad, fedprox, local; {why}: use "
-                     f"schedule='chunked'.")
   if slots is not None and slots < 1:
     raise ValueError(f"slots={slots} must be >= 1 for schedule='stream'.")
   k = sampler.clients_per_round
@@ -136,9 +174,8 @@ def make_stream_phase(algorithm: FederatedAlgorithm, sampler: Sampler, *,
   kd = -(-k // devices)  # queue length per device
   kp = kd * devices
   w = min(kd, slots or DEFAULT_SLOTS)
-  spec = algorithm.local
   bsz = spec.batch_size
-  mean_only = is_mean_reader(algorithm.server_update)
+  members = None if client_ids is None else jnp.asarray(client_ids)
   # Device-major order: device d holds queue positions d, d + D, d + 2D, ...
   to_dev = np.arange(kp).reshape(kd, devices).T.reshape(-1)
   from_dev = np.argsort(to_dev)
@@ -242,22 +279,23 @@ def make_stream_phase(algorithm: FederatedAlgorithm, sampler: Sampler, *,
       out_specs=(P(CLIENTS_AXIS), P(), P(CLIENTS_AXIS)), check_vma=False)
 
   def phase(bcast, clients, sampler_state, data, k_sample, k_clients, round_):
-    ids, sampler_state = sampler.sample(k_sample, round_, sampler_state)
+    local, sampler_state = sampler.sample(k_sample, round_, sampler_state)
+    ids = local if members is None else members[local]
     n = data.num_examples[ids]
     if sort_by_size:
       order = jnp.argsort(-n, stable=True)
-      ids, n = ids[order], n[order]
+      local, ids, n = local[order], ids[order], n[order]
     pad = lambda a: jnp.concatenate([a, jnp.broadcast_to(a[-1:], (kp - k,) + a.shape[1:])])
     valid = jnp.arange(kp) < k
     ids_d, valid_d = pad(ids)[to_dev], valid[to_dev]
     n_d = jnp.where(valid_d, pad(n)[to_dev], 0)
-    cstate_d = jax.tree.map(lambda a: a[ids_d], clients)
+    cstate_d = jax.tree.map(lambda a: a[pad(local)[to_dev]], clients)
     rng_d = jax.vmap(lambda i: jax.random.fold_in(k_clients, i))(ids_d)
     (uploads, new_cstate, cmetrics), acc, iters = sharded_queue(
         bcast, data, ids_d, n_d, valid_d, cstate_d, rng_d, round_)
     queue = lambda tree: jax.tree.map(lambda a: a[from_dev][:k], tree)
     new_cstate, cmetrics = queue(new_cstate), queue(cmetrics)
-    clients = jax.tree.map(lambda a, u: a.at[ids].set(u), clients, new_cstate)
+    clients = jax.tree.map(lambda a, u: a.at[local].set(u), clients, new_cstate)
     weights = n.astype(jnp.float32)
     if mean_only:
       total, wsum = acc

@@ -1,12 +1,14 @@
 """The streaming schedule (fedjax_sim/stream.py): clients stream through W vmapped slots.
 
-For fedavg, fedprox, fedadam and local (the step-form algorithms, ``FederatedAlgorithm.local``)
+For fedavg, fedprox, fedadam, local and fedavg_pools (one queue per model pool) (the step-form
+algorithms, ``FederatedAlgorithm.local`` / ``Pool.local``)
 on the registry test's tiny experiment (12 digits clients, K = 5, MLP(16), B = 10, E = 1),
 3 rounds of ``make_round(..., schedule="stream", slots=W)`` for W in {1, 2, 5, 8} (W = 8 > K is
 capped at K) equal the per-client reference loop (:mod:`fedjax_sim.reference`, fed the
 size-sorted order the stream queues) and the chunked schedule, to the registry test's
 tolerance (float32 rounding: vmapped vs single-client matmuls). Algorithms without a step-form
-client update, with model pools, or a mesh of several devices raise a one-line ValueError.
+client update (or a pool without one) raise a one-line ValueError; 1 device equals 8 forced
+devices; the running weighted mean equals the stacked uploads.
 """
 import jax
 import numpy as np
@@ -22,11 +24,12 @@ from fedjax_sim.launch.experiment import build_experiment
 SLOTS = (1, 2, 5, 8)
 
 
-@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedadam", "local"])
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedadam", "local", "fedavg_pools"])
 def test_stream_equals_reference_and_chunked(name):
   exp = build_experiment(experiment_config(name))
   alg, sampler, data = exp.algorithm, exp.sampler, exp.data.train
-  assert isinstance(alg.local, LocalSpec)
+  specs = [p.local for p in alg.pools] if alg.pools else [alg.local]
+  assert all(isinstance(s, LocalSpec) for s in specs)
   state0 = init_state(alg, sampler, NUM_CLIENTS, seed=0, mesh=exp.mesh)
   ref = make_reference_round(alg, sampler, seed=0, sort_by_size=True)
   chunked = make_round(alg, sampler, seed=0, mesh=exp.mesh, chunk_size=CHUNK, donate=False)
