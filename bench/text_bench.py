@@ -2,6 +2,7 @@
 
     python bench/text_bench.py                    # writes bench/TEXT.md
     python bench/text_bench.py --quick --out /tmp/text.md   # smoke run (< 1 min)
+    python bench/text_bench.py --hidden 32 --append         # a smaller GRU, appended
 
 The data are a LEAF Shakespeare folder that this script writes to a temporary directory (no
 download): C speaking roles with log-normal sizes (median ``--median-size`` examples, capped at
@@ -25,8 +26,8 @@ in interleaved sweeps; median sweep time):
   loop calling ONE jitted single-client update per cohort member (asynchronous dispatch).
 
 Reports rounds/s of each, the ratios to the reference, compile times, padding efficiencies,
-and the load average of the machine before and after (it is shared: the ratio compares numbers measured in
-the same process, interleaved).
+and the load average of the machine before and after (it is shared: the ratios compare
+numbers measured in the same process, interleaved).
 """
 from __future__ import annotations
 
@@ -171,6 +172,8 @@ def main(argv=None):
   ap.add_argument("--rounds", type=int, default=3)
   ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
   ap.add_argument("--out", default=os.path.join(HERE, "TEXT.md"))
+  ap.add_argument("--append", action="store_true",
+                  help="add the table as a further section of --out (another model size)")
   args = ap.parse_args(argv)
   if args.quick:
     args.clients, args.cohorts, args.max_client_size, args.seq_len = 12, [4], 12, 16
@@ -184,7 +187,9 @@ def main(argv=None):
       rows.append(bench(root, args, k))
       print(json.dumps(rows[-1]), flush=True)
   text = report(rows, args, (load0, os.getloadavg()[0]), sizes, time.perf_counter() - t0)
-  with open(args.out, "w") as f:
+  if args.append:
+    text = "\n" + text.replace("# Round throughput", "## Round throughput", 1)
+  with open(args.out, "a" if args.append else "w") as f:
     f.write(text)
   print(text)
   return rows

@@ -400,9 +400,12 @@ def natural_federated(train: Split, test: Optional[Split], num_classes: int, kin
   if sum(len(y) for _, y in te) or test is None:
     gx = np.concatenate([x for x, _ in te])
     gy = np.concatenate([y for _, y in te])
-  else:  # disjoint test users (LEAF -t user): all of them
+  elif sum(len(y) for _, y in test.values()):  # disjoint test users (LEAF -t user): all of them
     gx = np.concatenate([cap(x) for x, _ in test.values()])
     gy = np.concatenate([cap(y) for _, y in test.values()])
+  else:
+    raise DatasetError(f"{name}: the test split holds no examples; remove the test files to "
+                       "split each client's examples instead (--config.data.client_test_fraction).")
   if kind == "shakespeare":
     train_cd = _pack_tokens([x for x, _ in tr], [y for _, y in tr], batch_size)
     test_cd = _pack_tokens([x for x, _ in te], [y for _, y in te])

@@ -158,6 +158,8 @@ def make_round(algorithm: FederatedAlgorithm, sampler: Optional[Sampler] = None,
       ``"stream"`` (clients stream through ``slots`` vmapped slots in one
       ``while_loop`` per device, :mod:`fedjax_sim.stream`; single-model algorithms with
       ``local``; ``chunk_size`` is then unused).
+      ``"auto"``: ``"stream"`` for the algorithms it supports with a fixed-size cohort,
+      else ``"chunked"``.
     slots: W for ``schedule="stream"`` (default ``min(K, stream.DEFAULT_SLOTS)``).
 
   Returns:
@@ -190,8 +192,11 @@ def make_round(algorithm: FederatedAlgorithm, sampler: Optional[Sampler] = None,
     if sampler is None:
       raise ValueError("make_round needs a sampler for a single-pool algorithm.")
     plans, names = [plan(algorithm.client_update, None, sampler)], [""]
-  if schedule not in ("chunked", "stream"):
-    raise ValueError(f"schedule={schedule!r}; use 'chunked' or 'stream'.")
+  if schedule not in ("chunked", "stream", "auto"):
+    raise ValueError(f"schedule={schedule!r}; use 'chunked', 'stream' or 'auto'.")
+  if schedule == "auto":  # the stream where it applies (bench/RESULTS.md), else chunks
+    fixed = sampler is None or getattr(sampler, "rate", None) is None
+    schedule = "stream" if fixed and stream.supported(algorithm) is None else "chunked"
   stream_phases = None
   if schedule == "stream" and sampler is not None and sampler.rate is not None:
     raise ValueError("schedule='stream' needs a fixed-size cohort; the Poisson sampler's "

@@ -227,7 +227,8 @@ def train_fields(train_metrics: dict, point: Optional[int] = None) -> dict[str, 
 def simulate(algorithm: FederatedAlgorithm, sampler: Optional[sampling.Sampler], data: Any, *,
              seed: int, rounds: int, rounds_per_call: int = 1, eval_every: Optional[int] = None,
              checkpoint_every: Optional[int] = None, max_checkpoints: int = 3,
-             chunk_size: Optional[int] = None, mesh=None, round_fn: Optional[Callable] = None,
+             chunk_size: Optional[int] = None, schedule: str = "chunked",
+             slots: Optional[int] = None, mesh=None, round_fn: Optional[Callable] = None,
              train: Any = None, init: Optional[Callable[[SimState], SimState]] = None,
              evaluate: Optional[Callable] = None, eval_initial: bool = True,
              workdir: Optional[str] = None, resume: bool = False,
@@ -256,6 +257,8 @@ def simulate(algorithm: FederatedAlgorithm, sampler: Optional[sampling.Sampler],
     checkpoint_every: rounds between checkpoints (default: the last round).
     max_checkpoints: checkpoints kept.
     chunk_size: clients vmapped together (``make_round``).
+    schedule, slots: the client schedule (``make_round``: ``"chunked"``, ``"stream"`` with W =
+      ``slots``, or ``"auto"``).
     mesh: the device mesh (default: all local devices).
     round_fn: a prebuilt ``make_round(algorithm, sampler, seed=None, mesh=mesh,
       rounds_per_call=rounds_per_call, ...)``, called ``round_fn(state, train,
@@ -335,7 +338,7 @@ def simulate(algorithm: FederatedAlgorithm, sampler: Optional[sampling.Sampler],
     rpc = math.gcd(rpc, start) or rpc
   if round_fn is None:
     fn = make_round(algorithm, sampler, seed=seed, mesh=mesh, chunk_size=chunk_size,
-                    rounds_per_call=rpc)
+                    rounds_per_call=rpc, schedule=schedule, slots=slots)
     step = lambda s: fn(s, train)
   else:
     if rpc != rounds_per_call:
@@ -414,7 +417,8 @@ def compiled_round(experiment: Experiment, rounds_per_call: int = 1):
   """
   exp, cfg = experiment, experiment.cfg
   round_fn = make_round(exp.algorithm, exp.sampler, seed=cfg.seed, mesh=exp.mesh,
-                        chunk_size=cfg.chunk_size or None, rounds_per_call=rounds_per_call)
+                        chunk_size=cfg.chunk_size or None, rounds_per_call=rounds_per_call,
+                        schedule=cfg.get("schedule", "chunked"), slots=cfg.get("slots") or None)
   state = init_state(exp.algorithm, exp.sampler, exp.data.num_clients, cfg.seed, exp.mesh)
   state, _ = round_fn(state, exp.data.train)  # compile
   jax.block_until_ready(state)

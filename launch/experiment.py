@@ -122,6 +122,9 @@ def validate_config(cfg) -> None:
        "--config.max_checkpoints.")
   need(cfg.rounds_per_call >= 1, f"rounds_per_call={cfg.rounds_per_call} must be >= 1.")
   need(cfg.chunk_size >= 0, f"chunk_size={cfg.chunk_size} must be >= 0 (0 = no chunking).")
+  need(cfg.schedule in ("chunked", "stream", "auto"), f"schedule={cfg.schedule!r}; set "
+       "--config.schedule to 'chunked', 'stream' or 'auto'.")
+  need(cfg.slots >= 0, f"slots={cfg.slots} must be >= 0 (0 = the default W).")
   visible = len(jax.devices())
   need(0 <= cfg.num_devices <= visible,
        f"num_devices={cfg.num_devices} but {visible} device(s) are visible; set "
@@ -238,7 +241,8 @@ def train_and_evaluate(cfg, workdir: str, resume: bool = False,
       exp.algorithm, exp.sampler, exp.data, seed=cfg.seed, rounds=cfg.rounds,
       rounds_per_call=cfg.rounds_per_call, eval_every=cfg.eval_every,
       checkpoint_every=cfg.checkpoint_every, max_checkpoints=cfg.max_checkpoints,
-      chunk_size=cfg.chunk_size or None, mesh=exp.mesh, workdir=workdir, resume=resume,
+      chunk_size=cfg.chunk_size or None, schedule=cfg.schedule, slots=cfg.slots or None,
+      mesh=exp.mesh, workdir=workdir, resume=resume,
       config_json=cfg.to_json_best_effort(indent=2), name=cfg.algorithm, progress=cfg.progress,
       diverged_hint=diverged_hint(cfg))
   row = dict(result.history[-1]) if result.history else {}

@@ -188,7 +188,8 @@ def run_group(cfgs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str]
   def round_fn(state, dat, h):
     alg, smp = point(h)
     fn = make_round(alg, smp, seed=h["seed"], mesh=mesh, chunk_size=cfg0.chunk_size or None,
-                    rounds_per_call=rpc, jit=False)
+                    rounds_per_call=rpc, jit=False, schedule=cfg0.get("schedule", "chunked"),
+                    slots=cfg0.get("slots") or None)
     return fn(state, dat[0])
 
   def eval_fn(state, dat, h):
