@@ -98,12 +98,13 @@ def experiment_config(name: str) -> ml_collections.ConfigDict:
         mode="merged", large_fraction=0.5, k_large=3, alpha=0.3, period=2, distill_steps=2,
         distill_lr=1e-3, temperature=2.0, distill_batch=16))
     c.data.server_size, c.data.server_seed = 40, 0
-  if name == "fedmuscle":  # multi-task users and a public set (all users join every round)
+  if name in ("fedmuscle", "fedhenn", "cofed_cotrain"):  # multi-task users and a public set
     c.archs = ("mlp_s", "mlp_m", "mlp_l", "cnn_s", "cnn_m")  # pools of 3, 3, 2, 2, 2: padding
     c.data.dataset = "digits_multitask"
     c.data.examples_per_user, c.data.public_per_class = 10, 2
-    c.fedmuscle = ml_collections.ConfigDict(dict(M=2, public_batch=4, proj_dim=4,
-                                                 align_steps=1))
+    c[name] = ml_collections.ConfigDict(dict(public_batch=4, proj_dim=4))
+    if name == "fedmuscle":
+      c.fedmuscle.update(M=2, align_steps=1)
   return c
 
 
