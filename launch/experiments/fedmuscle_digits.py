@@ -16,6 +16,14 @@ function's traced argument, ``make_round(seed=None)``); the run seed drives
 the partition, init and round keys, each from its own stream
 (:mod:`fedjax_sim.seeding`).
 
+FedMuscle's baselines FedHeNN (``fedhenn``) and CoFED (``cofed_cotrain``)
+run when listed in ``--methods`` (or ``cfg.methods``), each as its own program
+on the same users, models, fine-tuning and public batches, Delta against the
+same ``local`` runs (knobs ``cfg.fedhenn`` / ``cfg.cofed_cotrain``)::
+
+  python -m fedjax_sim.launch.experiments.fedmuscle_digits --out=/tmp/fm \
+      --methods=local,muscle,fedhenn,cofed_cotrain
+
 Outputs under ``--out``: ``fedmuscle_digits_results.json`` (per-user
 accuracies every ``rounds_per_call`` rounds, per method and seed) and
 ``fedmuscle_digits_table.md`` (Delta(%) vs local training, mean +- std over
@@ -31,8 +39,10 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
+from fedjax_sim.algorithms import cofed, fedhenn, knob_defaults
 from fedjax_sim.algorithms import fedmuscle as fm
 from fedjax_sim.data import TASK_NAMES, build_federated_data
 from fedjax_sim.evaluation import make_evaluate
@@ -54,6 +64,24 @@ def user_accuracy(raw, algorithm) -> np.ndarray:
   return acc
 
 
+# FedMuscle's baselines with their own programs (knobs: cfg.<method>, their constructors'
+# defaults where unset); the other methods are fm.METHODS, one shared program.
+BASELINES = {"fedhenn": fedhenn.fedhenn, "cofed_cotrain": cofed.cofed_cotrain}
+
+
+def baseline(method: str, cfg, data):
+  """``method`` of :data:`BASELINES` on ``data``'s users, tasks and public set.
+
+  Same users, models (archs, d), local fine-tuning and public batches as FedMuscle.
+  """
+  extra = {"task_label_map": data.aux["task_label_map"]} if method == "cofed_cotrain" else {}
+  return BASELINES[method](cfg.archs, data.aux["tasks"], data.aux["public_x"],
+                           input_shape=data.input_shape, task_classes=data.aux["task_classes"],
+                           **extra, **dict(cfg.get(method) or {}), client_lr=cfg.client_lr,
+                           client_momentum=cfg.client_momentum, batch_size=cfg.batch_size,
+                           epochs=cfg.local_epochs)
+
+
 def run(cfg, log=print) -> dict:
   """Every (seed, method) run of ``cfg``; returns the results dict."""
   mesh = make_mesh(1)
@@ -72,6 +100,15 @@ def run(cfg, log=print) -> dict:
   rpc = math.gcd(cfg.rounds_per_call, cfg.rounds)  # calls end on the last round
   round_fn = make_round(alg, seed=None, mesh=mesh, rounds_per_call=rpc)
   evaluate = make_evaluate(alg)
+  programs = {m: (alg, round_fn, evaluate) for m in fm.METHODS}
+  for m in cfg.methods:
+    if m not in programs and m not in BASELINES:
+      raise ValueError(f"method '{m}' unknown; use {fm.METHODS + tuple(BASELINES)}.")
+    if m in BASELINES:
+      cfg[m] = ml_collections.ConfigDict({**knob_defaults(m), **dict(cfg.get(m) or {})})
+      b = baseline(m, cfg, d0)
+      programs[m] = (b, make_round(b, seed=None, mesh=mesh, rounds_per_call=rpc),
+                     make_evaluate(b))
   num_users = cfg.data.num_clients
   out = {"config": cfg.to_dict(), "public_idx": d0.aux["public_idx"].tolist(),
          "tasks": [TASK_NAMES[t] for t in tasks],
@@ -80,6 +117,7 @@ def run(cfg, log=print) -> dict:
     data = datas[seed]
     for method in cfg.methods:
       t0 = time.time()
+      alg, round_fn, evaluate = programs[method]
 
       def evaluate_row(r, state, train_metrics):  # after every call
         acc = user_accuracy(evaluate(state.server, state.clients, data.test, None, None), alg)
@@ -89,7 +127,9 @@ def run(cfg, log=print) -> dict:
                 "align_loss": float(jnp.mean(train_metrics["align_loss"]))}
 
       # The method and every user's task live in the state: one program for all runs.
-      init = lambda st: fm.set_method(fm.with_tasks(st, alg, data.aux["tasks"]), method)
+      init = lambda st: fm.with_tasks(st, alg, data.aux["tasks"])
+      if method in fm.METHODS:
+        init = lambda st: fm.set_method(fm.with_tasks(st, alg, data.aux["tasks"]), method)
       curve = simulate(alg, None, data, seed=seed, rounds=cfg.rounds, rounds_per_call=rpc,
                        eval_every=rpc, mesh=mesh, round_fn=round_fn, init=init,
                        evaluate=evaluate_row, eval_initial=False,
@@ -125,10 +165,14 @@ def main(argv=None):
   ap.add_argument("--out", default="docs/results")
   ap.add_argument("--config", default="", help="get_config argument ('smoke' for a quick run)")
   ap.add_argument("--rounds", type=int, default=0, help="override cfg.rounds")
+  ap.add_argument("--methods", default="", help="override cfg.methods (comma list; also "
+                  + ", ".join(BASELINES) + ")")
   args = ap.parse_args(argv)
   cfg = get_config(args.config)
   if args.rounds:
     cfg.rounds = args.rounds
+  if args.methods:
+    cfg.methods = tuple(args.methods.split(","))
   os.makedirs(args.out, exist_ok=True)
   t0 = time.time()
   res = run(cfg)
