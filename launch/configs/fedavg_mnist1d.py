@@ -55,7 +55,7 @@ def get_config(arg: str = ""):
   c.batch_size = 10
   c.client_lr = 0.1
   c.local_epochs = 1
-  c.rounds = 300
+  c.rounds = 500
   c.eval_every = 10
   if "centralized" in options:
     c.data.num_clients = 1
