@@ -4,7 +4,8 @@ A sampler is a NamedTuple ``(init, sample)``: ``init() -> state`` and
 ``sample(key, round, state) -> (client_ids int32 [K], state)``. The key is
 ``fold_in(seed_key, round)``-derived by the round builder, so the cohort is a
 pure function of (seed, round) and a resumed run draws the same cohorts.
-Every sampler draws K distinct clients (without replacement), K fixed.
+Every sampler draws K distinct clients (without replacement), K fixed, except
+``poisson``, whose cohort varies (at most K slots, empty ones -1).
 
 Samplers (``cfg.sampler``):
 
@@ -22,12 +23,19 @@ Samplers (``cfg.sampler``):
   From a config, the table is R = ``availability.schedule_period`` draws of
   the availability sampler made once with NumPy, so a run replays the same
   unequal cohorts every R rounds.
+* ``poisson``: Poisson sampling, as DP-FedAvg assumes (McMahan et al., arXiv
+  1710.06963, Algorithm 1): each client joins independently with probability
+  q, so the cohort size varies around the expected q*C. The sampler returns
+  a fixed bound of K_max slots; unused slots hold id -1 (the round builder
+  makes them zero-weight padding slots). From a config q = clients_per_round /
+  C and K_max = ``cohort_bound`` (0: :func:`poisson_bound`). The only
+  sampler with a variable cohort (``Sampler.rate`` is not None).
 
 Axis legend: C clients, K clients per round, R schedule period.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -37,10 +45,27 @@ from fedjax_sim import seeding
 
 
 class Sampler(NamedTuple):
+  """A cohort sampler.
+
+  Attributes:
+    init: ``() -> state``.
+    sample: ``(key, round, state) -> (client_ids int32 [K], state)``; with
+      ``rate`` set, empty slots hold -1.
+    num_clients: C.
+    clients_per_round: K (the fixed cohort size; with ``rate``, the bound K_max).
+    rate: None for a fixed-size cohort; the Poisson sampling rate q
+      (:func:`poisson`), expected cohort q*C.
+  """
   init: Callable[[], Any]
   sample: Callable[[jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
   num_clients: int
   clients_per_round: int
+  rate: Optional[float] = None
+
+  @property
+  def expected_cohort(self) -> float:
+    """K for a fixed-size cohort, q*C for Poisson sampling."""
+    return float(self.clients_per_round if self.rate is None else self.rate * self.num_clients)
 
 
 def check_cohort(num_clients: int, clients_per_round: int) -> None:
@@ -60,6 +85,63 @@ def uniform(num_clients: int, clients_per_round: int) -> Sampler:
     return ids.astype(jnp.int32), state
 
   return Sampler(lambda: (), sample, num_clients, clients_per_round)
+
+
+POISSON_TAIL = 1e-12  # P(a Poisson cohort exceeds the default bound), per round
+
+
+def poisson_bound(num_clients: int, rate: float, tail: float = POISSON_TAIL) -> int:
+  """The smallest K_max with P(Binomial(C, q) > K_max) <= ``tail`` (at least 1, at most C).
+
+  The default bound of :func:`poisson`: a draw above it is truncated (see there).
+  """
+  from scipy import stats
+  if rate >= 1.0:
+    return num_clients
+  k = int(stats.binom.isf(tail, num_clients, rate))
+  while k < num_clients and stats.binom.sf(k, num_clients, rate) > tail:
+    k += 1
+  return int(min(max(k, 1), num_clients))
+
+
+def poisson(num_clients: int, rate: float, bound: Optional[int] = None) -> Sampler:
+  """Poisson sampling: each client joins a round independently with probability q = ``rate``.
+
+  Client c is in round r's cohort iff u_c < q, u ~ U[0, 1)^C from the round's
+  sampler key; the cohort (expected size q*C) is returned in K_max = ``bound``
+  slots, the included clients first (in increasing u), the rest -1. In the
+  rare round that draws more than K_max clients, the K_max with the smallest
+  u are kept: a uniformly random subset (given inclusion, u is uniform on [0,
+  q)), which is the truncated Poisson sampling that ``dp_accounting``'s
+  ``TruncatedSubsampledGaussianDpEvent`` analyses (arXiv 2508.15089). The
+  sampler's state, int32 [], counts the rounds so truncated.
+
+  Args:
+    num_clients: C.
+    rate: q in (0, 1].
+    bound: K_max in [1, C] (default :func:`poisson_bound`: truncation has probability
+      <= 1e-12 per round).
+
+  Raises:
+    ValueError: q outside (0, 1] or K_max outside [1, C].
+  """
+  if not 0.0 < rate <= 1.0:
+    raise ValueError(f"Poisson sampling rate q={rate} must be in (0, 1]; set "
+                     "--config.clients_per_round (the expected cohort q*C) in [1, num_clients].")
+  bound = poisson_bound(num_clients, rate) if not bound else int(bound)
+  if not 1 <= bound <= num_clients:
+    raise ValueError(f"cohort_bound={bound} must be in [1, num_clients={num_clients}]; set "
+                     "--config.cohort_bound (0 = automatic).")
+
+  def sample(key, round, truncated):
+    del round
+    u = jax.random.uniform(key, (num_clients,), jnp.float32)
+    neg_u, idx = jax.lax.top_k(-u, bound)  # the K_max smallest u, increasing
+    ids = jnp.where(-neg_u < rate, idx, -1).astype(jnp.int32)
+    over = jnp.sum(u < rate) > bound
+    return ids, truncated + over.astype(jnp.int32)
+
+  return Sampler(lambda: jnp.int32(0), sample, num_clients, bound, float(rate))
 
 
 def availability_probs(num_clients: int, distribution: str = "power_law", *,
@@ -165,7 +247,8 @@ def participation_frequencies(sampler: Sampler, rounds: int, seed: int = 0) -> n
 
   _, ids = jax.jit(lambda s: jax.lax.scan(one, s, jnp.arange(rounds, dtype=jnp.int32)))(
       sampler.init())
-  counts = np.bincount(np.asarray(ids).reshape(-1), minlength=sampler.num_clients)
+  ids = np.asarray(ids).reshape(-1)
+  counts = np.bincount(ids[ids >= 0], minlength=sampler.num_clients)  # poisson: -1 = empty
   return counts / rounds
 
 
@@ -181,7 +264,8 @@ def build_sampler(cfg, num_clients: int) -> Sampler:
   """The sampler named by ``cfg.sampler`` (default ``uniform``).
 
   ``availability`` and ``schedule`` read ``cfg.availability`` (distribution,
-  beta_a, beta_b, power, seed, schedule_period).
+  beta_a, beta_b, power, seed, schedule_period); ``poisson`` samples at rate q =
+  ``clients_per_round`` / C into ``cohort_bound`` slots (0: :func:`poisson_bound`).
 
   Raises:
     ValueError: unknown sampler name or bad cohort size.
@@ -189,6 +273,10 @@ def build_sampler(cfg, num_clients: int) -> Sampler:
   name = cfg.get("sampler", "uniform") if hasattr(cfg, "get") else "uniform"
   if name == "uniform":
     return uniform(num_clients, cfg.clients_per_round)
+  if name == "poisson":
+    check_cohort(num_clients, cfg.clients_per_round)
+    return poisson(num_clients, cfg.clients_per_round / num_clients,
+                   cfg.get("cohort_bound", 0) or None)
   if name in ("availability", "schedule"):
     a = _avail_cfg(cfg)
     probs = availability_probs(num_clients, a["distribution"], beta_a=a["beta_a"],
@@ -201,4 +289,4 @@ def build_sampler(cfg, num_clients: int) -> Sampler:
     return fixed_schedule(schedule_from_probs(probs, cfg.clients_per_round, a["period"],
                                               a["seed"]), num_clients)
   raise ValueError(f"Unknown sampler '{name}'; set --config.sampler to one of: uniform, "
-                   "availability, schedule.")
+                   "availability, schedule, poisson.")

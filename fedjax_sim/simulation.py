@@ -234,7 +234,8 @@ def simulate(algorithm: FederatedAlgorithm, sampler: Optional[sampling.Sampler],
              workdir: Optional[str] = None, resume: bool = False,
              config_json: Optional[str] = None, name: Optional[str] = None,
              progress: bool = False,
-             diverged_hint: str = "; lower the learning rates.") -> LoopResult:
+             diverged_hint: str = "; lower the learning rates.",
+             row_extras: Optional[Callable[[int, Any], dict]] = None) -> LoopResult:
   """Runs one simulation of built objects (through :func:`run_rounds`).
 
   With a ``workdir``, writes ``config.json`` (``config_json``), ``metrics.jsonl``
@@ -281,6 +282,8 @@ def simulate(algorithm: FederatedAlgorithm, sampler: Optional[sampling.Sampler],
     name: the run's name for the progress bar and plot title (default ``algorithm.name``).
     progress: show a progress bar.
     diverged_hint: follows "... by round N" in the divergence error.
+    row_extras: ``(round, state) -> dict`` of fields added to every evaluation row
+      (e.g. the privacy spent by that round, ``dp_epsilon``).
 
   Returns:
     :class:`LoopResult`: final state, history (evaluation rows), per-call seconds.
@@ -356,6 +359,8 @@ def simulate(algorithm: FederatedAlgorithm, sampler: Optional[sampling.Sampler],
 
   def record(r, st, train_metrics):
     row = evaluate(r, st, train_metrics)
+    if row is not None and row_extras is not None:
+      row.update(row_extras(r, st))
     if row is not None and metrics_path is not None and main_process:
       with open(metrics_path, "a") as f:
         f.write(json.dumps(row) + "\n")

@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import ml_collections
 
-from fedjax_sim import models, sampling
+from fedjax_sim import dp, models, privacy, sampling
 from fedjax_sim.algorithms import registry
 from fedjax_sim.algorithms.registry import ALGORITHMS, BuildContext, DataSpec
 from fedjax_sim.data import build_federated_data
@@ -29,8 +29,12 @@ from fedjax_sim.errors import ConfigError
 from fedjax_sim.round import make_mesh
 from fedjax_sim.simulation import Experiment, simulate
 
-__all__ = ["Experiment", "build_algorithm", "build_context", "build_experiment", "complete_config",
-           "train_and_evaluate", "validate_config"]
+__all__ = ["DP_ALGORITHMS", "Experiment", "build_algorithm", "build_context", "build_experiment",
+           "complete_config", "privacy_spec", "train_and_evaluate", "validate_config"]
+
+# Algorithms whose upload is their model delta and whose server update averages the uploads:
+# the ones client-level DP (fedjax_sim.dp.private, --config.dp.enabled) wraps.
+DP_ALGORITHMS = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad")
 
 
 def _config_value(v):
@@ -139,9 +143,12 @@ def validate_config(cfg) -> None:
   need(cfg.get("server_optimizer", "sgd") in optimizers, "unknown server optimizer "
        f"'{cfg.get('server_optimizer')}'; set --config.server_optimizer to one of "
        f"{', '.join(optimizers)}.")
-  samplers = ("uniform", "availability", "schedule")  # fedjax_sim.sampling.build_sampler
+  samplers = ("uniform", "availability", "schedule", "poisson")  # sampling.build_sampler
   need(cfg.get("sampler", "uniform") in samplers, f"unknown sampler '{cfg.get('sampler')}'; set "
        f"--config.sampler to one of {', '.join(samplers)}.")
+  need(cfg.get("cohort_bound", 0) >= 0, f"cohort_bound={cfg.get('cohort_bound')} must be >= 0 "
+       "(0 = automatic); set --config.cohort_bound.")
+  _validate_dp(cfg)
   if not ALGORITHMS[cfg.algorithm].pooled:  # model pools build their own models from archs
     fields = [f.name for f in dataclasses.fields(models.MODELS[cfg.model])
               if f.name not in ("parent", "name", "num_classes")]
@@ -155,6 +162,100 @@ def validate_config(cfg) -> None:
         need(isinstance(x, int) and not isinstance(x, bool) and x >= 1,
              f"model_kwargs.{k}={v!r}: every entry must be an integer >= 1 (a layer width or "
              f"count); set --config.model_kwargs.{k} (e.g. (32,)).")
+
+
+def _validate_dp(cfg) -> None:
+  """Range checks of ``cfg.dp`` (when enabled) and the algorithm it wraps.
+
+  Raises:
+    ConfigError: one line naming the setting and the fix.
+  """
+  d = cfg.get("dp")
+  if d is None or not d.get("enabled", False):
+    return
+  if cfg.algorithm not in DP_ALGORITHMS:
+    raise ConfigError(f"dp.enabled=True wraps algorithms that upload a model delta "
+                      f"({', '.join(DP_ALGORITHMS)}); '{cfg.algorithm}' uploads something "
+                      "else: set --config.algorithm to one of them or --config.dp.enabled=False.")
+  checks = [  # (key, ok, what a valid value is)
+      ("noise_multiplier", d.noise_multiplier >= 0, ">= 0"),
+      ("clip_norm", d.clip_norm > 0, "> 0"),
+      ("target_epsilon", d.target_epsilon >= 0, ">= 0 (0 = use dp.noise_multiplier)"),
+      ("delta", 0 <= d.delta < 1, "in [0, 1) (0 = num_clients ** -1.1)"),
+      ("accountant", d.accountant in privacy.ACCOUNTANTS,
+       f"one of {', '.join(privacy.ACCOUNTANTS)}"),
+      ("target_quantile", 0 < d.target_quantile < 1, "in (0, 1)"),
+      ("clip_lr", d.clip_lr >= 0, ">= 0"),
+      ("clipped_count_stddev", d.clipped_count_stddev >= 0, ">= 0 (0 = expected cohort / 20)"),
+  ]
+  for key, ok, valid in checks:
+    if not ok:
+      raise ConfigError(f"dp.{key}={d[key]!r} must be {valid}; set --config.dp.{key}.")
+
+
+def privacy_spec(cfg, sampler) -> Optional[privacy.PrivacySpec]:
+  """The accounting settings of run config ``cfg`` with its built ``sampler`` (None unless
+  ``cfg.dp.enabled``): z = ``dp.noise_multiplier``, delta = ``dp.delta`` (0: C^-1.1),
+  Poisson (``sampler=poisson``) or fixed-size (``uniform``) sampling.
+
+  Raises:
+    PrivacyError: a sampler or accountant the accounting cannot analyse (one line).
+  """
+  d = cfg.get("dp")
+  if d is None or not d.get("enabled", False):
+    return None
+  name = cfg.get("sampler", "uniform")
+  if name not in ("poisson", "uniform"):
+    raise privacy.PrivacyError(f"dp: sampler={name} draws clients with unequal or scheduled "
+                               "probabilities, which no accountant here analyses; use "
+                               "--config.sampler=poisson or uniform.")
+  c = sampler.num_clients
+  spec = privacy.PrivacySpec(
+      noise_multiplier=float(d.noise_multiplier), num_clients=c,
+      sampling="poisson" if name == "poisson" else "fixed", cohort=sampler.clients_per_round,
+      rate=sampler.rate if sampler.rate is not None else sampler.clients_per_round / c,
+      delta=float(d.delta) or c ** -1.1, accountant=d.accountant)
+  privacy.check(spec)
+  return spec
+
+
+def _private(cfg, algorithm, sampler):
+  """``algorithm`` wrapped by :func:`fedjax_sim.dp.private` as ``cfg.dp`` says; a
+  ``dp.target_epsilon`` > 0 first calibrates ``cfg.dp.noise_multiplier`` for ``cfg.rounds``."""
+  d = cfg.dp
+  _validate_dp(cfg)
+  spec = privacy_spec(cfg, sampler)
+  if d.target_epsilon > 0:
+    z = privacy.calibrate(spec, float(d.target_epsilon), int(cfg.rounds))
+    with d.unlocked():
+      d.noise_multiplier = z
+  return dp.private(algorithm, noise_multiplier=float(d.noise_multiplier),
+                    clip_norm=float(d.clip_norm), expected_cohort=sampler.expected_cohort,
+                    adaptive=bool(d.adaptive), target_quantile=float(d.target_quantile),
+                    clip_lr=float(d.clip_lr),
+                    clipped_count_stddev=float(d.clipped_count_stddev) or None,
+                    name=cfg.algorithm)
+
+
+def dp_fields(cfg, sampler):
+  """``(round, state) -> dict`` of the privacy fields of an evaluation row (None without DP):
+  ``dp_epsilon`` (spent after ``round`` rounds, at ``dp_delta``), ``dp_delta`` (plus a
+  truncating Poisson bound's share, ``privacy.truncation_delta``), ``dp_noise_multiplier``,
+  ``dp_clip_norm`` (the next round's C) and, for Poisson sampling, ``dp_truncated_rounds``."""
+  spec = privacy_spec(cfg, sampler)
+  if spec is None:
+    return None
+  spec = spec._replace(noise_multiplier=float(cfg.dp.noise_multiplier))
+
+  def fields(r, state):
+    eps = privacy.epsilon(spec, int(r))
+    row = {"dp_epsilon": eps, "dp_delta": spec.delta + privacy.truncation_delta(spec, eps, r),
+           "dp_noise_multiplier": spec.noise_multiplier,
+           "dp_clip_norm": float(jax.device_get(state.server.clip_norm))}
+    if spec.sampling == "poisson":
+      row["dp_truncated_rounds"] = int(jax.device_get(state.sampler))
+    return row
+  return fields
 
 
 def build_context(cfg, data) -> BuildContext:
@@ -176,6 +277,9 @@ def build_algorithm(cfg, spec: DataSpec, data: Any = None, seed: Any = None,
     values: dotted keys replaced by arrays (a vectorized sweep's hyperparameters):
       engine knobs (``client_lr``, ``server_lr``, ...) and ``<algorithm>.<knob>``.
 
+  With ``cfg.dp.enabled`` the algorithm is its client-level DP version
+  (:func:`fedjax_sim.dp.private`; ``dp.target_epsilon`` > 0 sets ``cfg.dp.noise_multiplier``).
+
   Raises:
     ConfigError: unknown algorithm or knob; ValueError: a knob value the method rejects.
   """
@@ -187,6 +291,8 @@ def build_algorithm(cfg, spec: DataSpec, data: Any = None, seed: Any = None,
   algorithm = registry.build(cfg.algorithm, ctx, knobs)
   sampler = None if ALGORITHMS[cfg.algorithm].pooled else sampling.build_sampler(
       cfg, spec.num_clients)
+  if cfg.get("dp") is not None and cfg.dp.get("enabled", False):
+    algorithm = _private(cfg, algorithm, sampler)
   return algorithm, sampler
 
 
@@ -244,7 +350,7 @@ def train_and_evaluate(cfg, workdir: str, resume: bool = False,
       chunk_size=cfg.chunk_size or None, schedule=cfg.schedule, slots=cfg.slots or None,
       mesh=exp.mesh, workdir=workdir, resume=resume,
       config_json=cfg.to_json_best_effort(indent=2), name=cfg.algorithm, progress=cfg.progress,
-      diverged_hint=diverged_hint(cfg))
+      diverged_hint=diverged_hint(cfg), row_extras=dp_fields(cfg, exp.sampler))
   row = dict(result.history[-1]) if result.history else {}
   row["train_time_s"] = result.train_s
   return row

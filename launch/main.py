@@ -237,6 +237,8 @@ def _cell(key: str, value) -> str:
   numbers (accuracies, losses, times) with four decimals."""
   if key.startswith("comm/") and float(value).is_integer():
     return f"{int(value):>14,}"
+  if key == "dp_delta":  # small: three significant digits
+    return f"{value:>14.3g}"
   return f"{value:>14.4f}"
 
 
@@ -252,6 +254,7 @@ def format_summary(row: dict, cfg, workdir: str) -> str:
           ("d_cosine", "D_Cosine (rad)"), ("d_manhattan", "D_Manhattan (pp)"),
           ("delta_pct", "Delta (%) vs local training"),
           ("padding_efficiency", "padding efficiency"),
+          ("dp_epsilon", "DP epsilon (at dp_delta)"), ("dp_delta", "DP delta"),
           ("comm/upload_scalars_per_round", "uploaded scalars / round"),
           ("comm/broadcast_scalars_per_round", "broadcast scalars / round"),
           ("train_time_s", "training time (s)")]
