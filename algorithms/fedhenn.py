@@ -28,14 +28,30 @@ and the proximal weight grows linearly with the round, eta_t = eta * t
 local minibatch steps adds the term (the public batch is the same within a
 round), so the term is part of the local objective, not a separate phase.
 
+Sources (``docs/decisions.md#fedhenn``): the paper's abstract and FedMuscle's
+description give the structure (a proximal term on the representations of a
+shared set of instances, the CKA distance to a server-side global
+representation matrix). The paper's own equations were not available to us;
+the details follow the public reimplementation in the FederatedScope
+model-heterogeneity benchmark (github.com/zza234s/MHFL,
+``FedHeNN_worker.py``, ``FedHeNN_CV_trainer.py``): kernels Z Z^T of the
+penultimate representation, Kbar the mean of all clients' kernels (w_j = 1/N),
+recomputed each round from the previous round's models on a fresh instance
+set, weight eta * round. Where we differ from that code: [ours] d = 1 - CKA
+(the code adds +CKA, a similarity, which pushes representations apart), CKA of
+the kernels themselves (the code's ``linear_CKA(K, Kbar)`` forms K K^T again,
+a kernel of the kernels), and the instance set X_t is FedMuscle's public batch
+(the code, after the paper by its comment, draws one training example per
+client each round; FedMuscle's setting has a public set instead).
+
 How it fits one jitted round [ours] (the same idea as FedMuscle's): the engine
 runs one client phase, then one server phase. At the end of round t-1 each
 user uploads K_j of its trained model on the NEXT round's public batch X_t
 (a pure function of (run key, t)); the server averages the uploads into Kbar_t
 and stores it; in round t every user trains against it on X_t. Nothing moves
-a user's model between its upload and the next round, so this is the paper's
-"server computes Kbar(t-1) from the models of round t-1, users train in round
-t". Round 0 has no Kbar (and eta_0 = 0 anyway under the linear schedule).
+a user's model between its upload and the next round, so this is the order
+of the code above (the server computes Kbar from the models of round t-1, the
+users train against it in round t). Round 0 has no Kbar (and eta_0 = 0 anyway under the linear schedule).
 
 :func:`public_set_method` is the round skeleton shared with CoFED
 (:mod:`fedjax_sim.algorithms.cofed`): a term on the round's public batch
