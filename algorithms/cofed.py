@@ -11,6 +11,15 @@ users, models, tasks and public batches as
 reading: ``docs/decisions.md#cofed``). Registered as ``cofed_cotrain``:
 ``cofed`` is CoRe-Fed's Co-Fed ablation (:mod:`fedjax_sim.algorithms.corefed`).
 
+Sources: the paper's abstract (pseudo-labelling unlabeled data "like
+co-training", compatible with heterogeneous tasks, models and training) and
+FedMuscle's use of it as a baseline on a public set. Neither the paper's
+equations nor its code were available to us, and FedMuscle does not spell out
+the rule, so the rule below is ours, chosen to be the plain co-training
+reading; CoFED itself is described as communication-efficient (few rounds),
+where we relabel one public batch per round, the same public stream every
+FedMuscle method sees.
+
 Per round t, user u (all users join every round; the skeleton is
 :func:`fedjax_sim.algorithms.fedhenn.public_set_method`):
 
