@@ -51,7 +51,8 @@ user uploads K_j of its trained model on the NEXT round's public batch X_t
 and stores it; in round t every user trains against it on X_t. Nothing moves
 a user's model between its upload and the next round, so this is the order
 of the code above (the server computes Kbar from the models of round t-1, the
-users train against it in round t). Round 0 has no Kbar (and eta_0 = 0 anyway under the linear schedule).
+users train against it in round t). Round 0 has no Kbar (and eta_0 = 0 anyway
+under the linear schedule).
 
 :func:`public_set_method` is the round skeleton shared with CoFED
 (:mod:`fedjax_sim.algorithms.cofed`): a term on the round's public batch
