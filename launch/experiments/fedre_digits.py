@@ -46,7 +46,8 @@ from fedjax_sim.simulation import simulate
 
 METHODS = ("fedre", "fedproto", "fedgh", "local_pools", "fedallrep")
 LABELS = {"fedre": "FedRE (RAP)", "fedproto": "FedProto", "fedgh": "FedGH",
-          "local_pools": "Local", "fedallrep": "FedAllRep", "lg_fedavg": "LG-FedAvg"}
+          "local_pools": "Local", "fedallrep": "FedAllRep", "lg_fedavg": "LG-FedAvg",
+          "fedtgp": "FedTGP", "fedmrl": "FedMRL"}
 
 
 def load_all(partitions, seeds, arg_extra=""):
