@@ -75,6 +75,24 @@ def test_step_form_client_update_equals_local_train():
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+STREAMED = ("fedavg", "fedprox", "fedadam", "local", "fedavg_pools")
+
+
+def test_every_registered_algorithm_streams_or_says_why():
+  """Over the whole registry: the algorithms with a step-form client update are exactly those
+  tested above (so a newly registered step-form algorithm must be added there), and every
+  other one raises the one-line ValueError naming its reason."""
+  from fedjax_sim.algorithms import ALGORITHMS
+  from fedjax_sim import stream
+  streamable = []
+  for name in ALGORITHMS:
+    alg = build_experiment(experiment_config(name)).algorithm
+    if stream.supported(alg) is None:
+      streamable.append(name)
+  # fedyogi / fedadagrad are FedAdam's siblings (the same fedavg constructor).
+  assert set(streamable) == set(STREAMED) | {"fedyogi", "fedadagrad"}, streamable
+
+
 @pytest.mark.parametrize("name", ["scaffold", "fedmdfg", "fedre"])
 def test_unsupported_algorithms_raise(name):
   exp = build_experiment(experiment_config(name))
