@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_sim.errors import ConfigError
+
 __all__ = ["IGNORE", "CharGRU", "token_weights", "token_cross_entropy", "token_correct"]
 
 IGNORE = -1  # target id skipped by the loss and the accuracy (padding, OOV, BOS targets)
@@ -78,6 +80,9 @@ class CharGRU(nn.Module):
   Input x: token ids [B, T] (int32, or float32 holding integers); output
   logits float32 [B, T, V] (with ``return_embedding=True`` also the last
   layer's states float32 [B, T, hidden[-1]]).
+
+  Raises:
+    ConfigError: x is not 2-D (e.g. images: the model needs a next-character dataset).
   """
   num_classes: int
   embed_dim: int = 8
@@ -85,6 +90,10 @@ class CharGRU(nn.Module):
 
   @nn.compact
   def __call__(self, x, return_embedding: bool = False):
+    if x.ndim != 2:
+      raise ConfigError(f"char_gru reads token ids [B, T], not x of shape {tuple(x.shape)}; use "
+                       "a next-character dataset (--config.data.dataset=leaf:<Shakespeare "
+                       "folder>, sqlite:<path> or parquet:<path>) or another --config.model")
     tokens = x.astype(jnp.int32)
     z = nn.Embed(self.num_classes, self.embed_dim)(tokens)  # [B, T, embed_dim]
     for h in self.hidden:

@@ -18,6 +18,7 @@ from conftest import tiny_config
 from fedjax_sim import text
 from fedjax_sim.client_data import ClientData
 from fedjax_sim.data import text as vocab
+from fedjax_sim.errors import ConfigError
 from fedjax_sim.evaluation import make_evaluate, summarize
 from fedjax_sim.protocol import FederatedAlgorithm, masked_cross_entropy
 
@@ -154,6 +155,8 @@ def test_char_gru_maps_tokens_to_per_position_logits():
   later, _ = apply(params, x.at[0, 5:].set(7))
   np.testing.assert_allclose(later[0, :5], logits[0, :5], rtol=1e-6)
   assert not np.allclose(later[0, 5:], logits[0, 5:])
+  with pytest.raises(ConfigError, match=r"char_gru reads token ids \[B, T\].*leaf:"):
+    model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))  # digits images
 
 
 # ----------------------------------------------------------------------------- rounds
