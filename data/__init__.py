@@ -12,7 +12,9 @@ LEAF Synthetic), ``partitioners``, ``pipeline`` (:func:`build_federated_data`,
 dataset ``synthetic``), ``federated`` (:class:`FederatedData`),
 ``server_sets`` (CODIST's unlabeled server sets), ``multitask`` (FedMuscle's
 multi-task users and public split, dataset ``digits_multitask``), ``mnist1d`` (MNIST-1D,
-generated offline and cached).
+generated offline and cached), ``natural`` (natural partitions from LEAF JSON, FedJAX SQLite
+and Parquet files: ``leaf:<dir>``, ``sqlite:<path>``, ``parquet:<path>``), ``text`` (the
+next-character vocabulary and sequence encoding).
 """
 from fedjax_sim.data.registry import (DATASETS, PARTITIONERS, DatasetError, PartitionError,
                                       register_dataset, register_partitioner)
