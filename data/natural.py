@@ -9,7 +9,8 @@ named by ``--config.data.dataset``:
   files ``{"users": [...], "num_samples": [...], "user_data": {user: {"x": [...], "y":
   [...]}}}`` in ``<dir>/train/*.json`` and ``<dir>/test/*.json`` as ``preprocess.sh`` writes
   them (``<dir>`` is ``data/<name>/data`` or ``data/<name>``). Flavours: FEMNIST (x = 784
-  floats, a 28x28 image; y in [0, 62)), Shakespeare (x = an 80-character string, y = the next
+  floats, a 28x28 grayscale image / 255 as LEAF's ``data_to_json.py`` writes it, background
+  1.0, kept as stored; y in [0, 62)), Shakespeare (x = an 80-character string, y = the next
   character) and plain numeric vectors (x = d floats, y an int label).
 * ``sqlite:<path>``: FedJAX's SQLite client data (``fedjax.core.sqlite_federated_data``):
   a table ``federated_data(client_id BLOB, data BLOB, num_examples INTEGER)`` whose ``data``
