@@ -424,14 +424,20 @@ def _natural(reader, what: str, knobs: dict) -> FederatedData:
     raise DatasetError(f"data.sequence_length={seq} must be >= 1; set "
                        "--config.data.sequence_length (e.g. 80).")
   extra = {"client_column": knobs.pop("client_column")} if "client_column" in knobs else {}
+  storage = knobs.pop("storage")
   train, test, num_classes, kind = reader(path, seq, **extra)
+  if kind == "shakespeare" and storage == "flat":
+    raise DatasetError(f"{what}:{path} is a next-character task (labels [N, T]), which flat "
+                       "storage does not hold yet; set --config.data.storage=padded and bound "
+                       "memory with --config.data.max_client_size.")
   return natural_federated(train, test, num_classes, kind, f"{what}:{path}", **knobs)
 
 
 @register_dataset("leaf:<path>")
 def load_leaf(path: str, min_client_size: int = 1, max_client_size: int = 0,
               max_clients: int = 0, client_test_fraction: float = 0.2,
-              sequence_length: int = 80, seed: int = 0, batch_size: int = 1) -> FederatedData:
+              sequence_length: int = 80, storage: str = "padded", seed: int = 0,
+              batch_size: int = 1) -> FederatedData:
   """``--config.data.dataset=leaf:<dir>``: LEAF JSON (:func:`read_leaf`), natural clients
   (:func:`natural_federated`)."""
   return _natural(read_leaf, "leaf", dict(locals()))
@@ -440,7 +446,8 @@ def load_leaf(path: str, min_client_size: int = 1, max_client_size: int = 0,
 @register_dataset("sqlite:<path>")
 def load_sqlite(path: str, min_client_size: int = 1, max_client_size: int = 0,
                 max_clients: int = 0, client_test_fraction: float = 0.2,
-                sequence_length: int = 80, seed: int = 0, batch_size: int = 1) -> FederatedData:
+                sequence_length: int = 80, storage: str = "padded", seed: int = 0,
+                batch_size: int = 1) -> FederatedData:
   """``--config.data.dataset=sqlite:<path>``: FedJAX SQLite (:func:`read_sqlite`), natural
   clients (:func:`natural_federated`)."""
   return _natural(read_sqlite, "sqlite", dict(locals()))
@@ -449,8 +456,8 @@ def load_sqlite(path: str, min_client_size: int = 1, max_client_size: int = 0,
 @register_dataset("parquet:<path>")
 def load_parquet(path: str, min_client_size: int = 1, max_client_size: int = 0,
                  max_clients: int = 0, client_test_fraction: float = 0.2,
-                 sequence_length: int = 80, client_column: str = "", seed: int = 0,
-                 batch_size: int = 1) -> FederatedData:
+                 sequence_length: int = 80, client_column: str = "", storage: str = "padded",
+                 seed: int = 0, batch_size: int = 1) -> FederatedData:
   """``--config.data.dataset=parquet:<path>``: Parquet client tables (:func:`read_parquet`),
   natural clients (:func:`natural_federated`)."""
   return _natural(read_parquet, "parquet", dict(locals()))

@@ -96,6 +96,8 @@ def test_leaf_shakespeare_becomes_the_next_character_task(tmp_path):
     assert vocab.decode(y[0]) == (train[u]["x"][0] + train[u]["y"][0])[-24:]
   pad_rows = ~np.asarray(fed.train.mask)
   assert np.all(np.asarray(fed.train.y)[pad_rows] == IGNORE)  # padding rows count no token
+  with pytest.raises(DatasetError, match="storage=padded"):
+    _load(f"leaf:{tmp_path}", storage="flat")
 
 
 def test_leaf_user_split_tests_on_all_test_users(tmp_path):
