@@ -14,11 +14,11 @@ arXiv 2406.00488 (NeurIPS 2024); public implementation in HtFLlib
 * Matryoshka representations [paper]: the nested prefix R~[:d1] (coarse) goes to
   the global head, the whole R~ (fine) to the local head:
   y^G = G_hd(R~[:d1]), y^F = F_k,hd(R~); the local loss is
-  m1 CE(y^G, y) + m2 CE(y^F, y) (m1 = m2 = 1 [paper; code]), minimized jointly
-  over G, F_k and P_k by local SGD with one step size [code: three SGD
-  optimizers with the client's lr].
+  m1 CE(y^G, y) + m2 CE(y^F, y) [paper; defaults m1 = m2 = 1, the code's plain
+  sum], minimized jointly over G, F_k and P_k by local SGD with one step size
+  [code: three SGD optimizers with the client's lr].
 * Upload: the trained copy of G; the server sets G to the example-weighted mean
-  of the cohort's copies (FedAvg, n_k / n [paper]). Clients keep F_k and P_k.
+  of the cohort's copies (FedAvg's n_k / n). Clients keep F_k and P_k.
 * Inference [paper; code]: y^F of the fused representation (G's extractor from
   the server, the client's own F_k and P_k); the global head is not used.
 
@@ -28,9 +28,9 @@ Where we differ:
   from its initial state at every round, so P_k stays at its initialization
   across rounds and is trained only within a round); we keep P_k as client state,
   as the paper describes. HtFLlib averages G unweighted (1 / |S_t|); we weight
-  by example counts as the paper. The projector and the heads are initialized as
-  our other split models' heads (LeCun normal kernel, zero bias), not PyTorch's
-  U(+-1/sqrt(fan_in)).
+  by example counts, as FedAvg and our LG-FedAvg. The projector and the heads
+  are initialized as our other split models' heads (LeCun normal kernel, zero
+  bias), not with PyTorch's U(+-1/sqrt(fan_in)).
 * Dimensions: the paper's d2 is the local models' representation dim, here the
   common split-model dim D (``dim``, as HtFLlib's ``feature_dim``); d1 defaults
   to D / 4 = 8, the ratio of HtFLlib's defaults (``sub_feature_dim`` 128,

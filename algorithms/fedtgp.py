@@ -37,7 +37,7 @@ Where we differ:
   client's (its defaults 0.01 and 10). Distances are computed as
   ||p - P^||_2 of the difference (the code expands ||p||^2 - 2 p.P^ + ||P^||^2,
   which can round below 0), with a zero gradient at distance 0 (the code's is
-  NaN there). The TGP is initialized with PyTorch's default initializers
+  not finite there). The TGP is initialized with PyTorch's default initializers
   (embedding N(0, 1), linear layers U(+-1/sqrt(fan_in))) but from our key
   stream. The epoch order is drawn per (pool, client, class) row id as in
   :func:`fedjax_sim.algorithms.rm.train_head`, so the cohort's layout cannot
@@ -46,11 +46,11 @@ Where we differ:
   own model, as our FedProto; the code classifies by the nearest global prototype
   (smallest MSE to P^_c), available as ``inference="prototype"`` (logits
   -||RM(g(x)) - P^_c||^2 / D).
-* From the paper: lambda = 10, tau = 100, S = 100 follow the official run script
+* Defaults: lambda = 10, tau = 100, S = 100 follow the official run script
   (``run_me.sh``: ``-lam 10 -se 100 -mart 100``); HtFLlib's ``main.py`` defaults
-  are lambda = 1 and S = 100.
+  are lambda = 1, tau = 100 and S = 100.
 
-Server metrics: ``margin`` (delta), ``acl_loss`` (mean over the epochs' pairs),
+Server metrics: ``margin`` (delta), ``acl_loss`` (mean batch loss over the round's steps),
 ``server_pairs``, ``comm/upload_scalars`` (D + 1 per present class),
 ``comm/broadcast_scalars`` (K L (D + 1)).
 Axis legend: K cohort, M pairs, D common dim, L classes, H hidden width (= D).
