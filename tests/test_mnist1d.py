@@ -243,7 +243,48 @@ def test_fedavg_mnist1d_config_runs(cache, tmp_path):
              + np.asarray(exp.data.test.num_examples).sum()) == 160
   row = train_and_evaluate(cfg, str(tmp_path / "run"), experiment=exp)
   assert row["round"] == 5 and 0.0 <= row["test_accuracy"] <= 1.0
-  central = mod.get_config("centralized,logreg")
-  assert (central.data.num_clients, central.clients_per_round, central.data.client_test_fraction,
-          central.batch_size, central.server_optimizer, central.server_lr, central.rounds,
-          tuple(central.model_kwargs.hidden)) == (1, 1, 0.0, 100, "adam", 1e-2, 6000, ())
+  with pytest.raises(ValueError, match="unknown option"):
+    mod.get_config("cnn1d,bogus")
+
+
+def test_centralized_option_is_centralized_adam(cache):
+  """The report's centralized protocol (one client, one local step of lr 1, server Adam) is
+  Adam on the minibatch gradient: with B = the whole training set the minibatch is the full
+  batch whatever its order, so 3 rounds equal 3 steps of optax.adam(1e-2, 0.9, 0.999, 1e-8)."""
+  import importlib.util
+
+  import optax
+
+  from fedjax_sim.launch import configs
+  from fedjax_sim.launch.experiment import build_experiment
+  from fedjax_sim.round import init_state, make_round
+  spec = importlib.util.spec_from_file_location("fedavg_mnist1d", configs.path("fedavg_mnist1d"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  cfg = mod.get_config("centralized,logreg")
+  assert (cfg.data.num_clients, cfg.clients_per_round, cfg.data.client_test_fraction,
+          cfg.batch_size, cfg.local_steps, cfg.client_lr, cfg.server_optimizer, cfg.server_lr,
+          cfg.server_b2, cfg.server_tau, cfg.rounds, tuple(cfg.model_kwargs.hidden)) == (
+              1, 1, 0.0, 100, 1, 1.0, "adam", 1e-2, 0.999, 1e-8, 6000, ())
+  cfg.data.num_samples, cfg.batch_size, cfg.progress = 200, 160, False
+  exp = build_experiment(cfg)
+  state = init_state(exp.algorithm, exp.sampler, 1, cfg.seed, exp.mesh)
+  params = jax.device_get(state.server.params)
+  round_fn = make_round(exp.algorithm, exp.sampler, seed=cfg.seed, mesh=exp.mesh,
+                        rounds_per_call=3)
+  state, _ = round_fn(state, exp.data.train)
+  x = jnp.asarray(exp.data.train.x[0][:160])
+  y = jnp.asarray(exp.data.train.y[0][:160])
+  assert int(exp.data.train.num_examples[0]) == 160
+
+  def loss(p):
+    return optax.softmax_cross_entropy_with_integer_labels(exp.model.apply({"params": p}, x),
+                                                           y).mean()
+
+  opt = optax.adam(1e-2, b1=0.9, b2=0.999, eps=1e-8)
+  opt_state = opt.init(params)
+  for _ in range(3):
+    updates, opt_state = opt.update(jax.grad(loss)(params), opt_state, params)
+    params = optax.apply_updates(params, updates)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                         jax.device_get(state.server.params), params)

@@ -39,7 +39,7 @@ def get_config(arg: str = ""):
   unknown = sorted(set(options) - set(MODEL_PRESETS) - {"centralized", "smoke"})
   if unknown:
     raise ValueError(f"fedavg_mnist1d: unknown option(s) {', '.join(unknown)}; use a model "
-                     f"({', '.join(MODEL_PRESETS)}), centralized and/or smoke, comma-separated.")
+                     f"({', '.join(MODEL_PRESETS)}), centralized and/or smoke (comma-separated)")
   c = get_base_config()
   c.algorithm = "fedavg"
   c.data.dataset = "mnist1d"
