@@ -93,6 +93,20 @@ def pad_examples(data: ClientData, n: int) -> ClientData:
   return ClientData(pad(data.x), pad(data.y), pad(data.mask), data.num_examples)
 
 
+def pad_clients(data: ClientData, multiple: int) -> ClientData:
+  """Appends empty clients (0 examples) so that C is a multiple of ``multiple`` (host).
+
+  For ``make_round(shard_data=True)``, whose data is split along C over the devices. The
+  empty clients are never sampled: samplers draw from the real C they were built with.
+  """
+  c = data.num_clients
+  extra = -c % multiple
+  if extra == 0:
+    return data
+  pad = lambda a: np.concatenate([np.asarray(a), np.zeros((extra,) + a.shape[1:], a.dtype)])
+  return ClientData(pad(data.x), pad(data.y), pad(data.mask), pad(data.num_examples))
+
+
 def to_device(data: AnyClientData, sharding=None) -> AnyClientData:
   """Puts the whole client dataset on device once (replicated by default); either storage."""
   return jax.tree.map(lambda a: jax.device_put(np.asarray(a), sharding), data)

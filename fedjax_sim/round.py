@@ -132,7 +132,8 @@ def make_round(algorithm: FederatedAlgorithm, sampler: Optional[Sampler] = None,
                seed: Optional[int],
                mesh: Optional[Mesh] = None, chunk_size: Optional[int] = None,
                rounds_per_call: int = 1, sort_by_size: bool = True, donate: bool = True,
-               jit: bool = True, schedule: str = "chunked", slots: Optional[int] = None):
+               jit: bool = True, schedule: str = "chunked", slots: Optional[int] = None,
+               shard_data: bool = False):
   """Builds the jitted round function.
 
   Args:
@@ -161,6 +162,11 @@ def make_round(algorithm: FederatedAlgorithm, sampler: Optional[Sampler] = None,
       ``"auto"``: ``"stream"`` for the algorithms it supports with a fixed-size cohort,
       else ``"chunked"``.
     slots: W for ``schedule="stream"`` (default ``min(K, stream.DEFAULT_SLOTS)``).
+    shard_data: shard the padded client data along C over the mesh's ``clients`` axis
+      instead of replicating it (for data larger than one device): each round gathers its
+      cohort's rows from the shards (XLA's distributed gather) and hands every device only
+      its clients' rows. C must be a multiple of the device count
+      (:func:`fedjax_sim.client_data.pad_clients`); chunked schedule, padded storage.
 
   Returns:
     ``round_fn(state: SimState, data: ClientData [C, N, ...]) -> (SimState,
@@ -176,6 +182,8 @@ def make_round(algorithm: FederatedAlgorithm, sampler: Optional[Sampler] = None,
       algorithm or mesh it does not support (see :mod:`fedjax_sim.stream`).
   """
   mesh = mesh or make_mesh()
+  if shard_data and schedule != "chunked":
+    raise ValueError(f"shard_data=True needs schedule='chunked' (got {schedule!r}).")
   devices = mesh.devices.size
   pooled = bool(algorithm.pools)
 
@@ -212,27 +220,31 @@ def make_round(algorithm: FederatedAlgorithm, sampler: Optional[Sampler] = None,
 
       The device holds the whole (replicated) dataset and gathers each chunk's
       rows inside the chunk loop, so memory scales with the chunk, not the cohort.
+      With ``shard_data``, ``data`` is instead this device's cohort rows [K_local, N, ...]
+      (gathered from the shards before ``shard_map``), chunked alongside the clients.
       """
       vfn = jax.vmap(client_fn, in_axes=(None, 0, 0, 0, 0))
 
-      def run_chunk(cstate, rngs, infos, num_ex):
-        cdata = gather_clients(data, infos.client_id)
+      def run_chunk(cstate, rngs, infos, num_ex, rows=None):
+        cdata = gather_clients(data, infos.client_id) if rows is None else rows
         cdata = cdata._replace(num_examples=num_ex,
                                mask=cdata.mask & infos.valid[:, None])
         return vfn(shared, cstate, cdata, rngs, infos)
 
       k_local = infos.valid.shape[0]
       n_chunks = k_local // pl.layout.chunk
+      args = (cstate, rngs, infos, num_ex) + ((data,) if shard_data else ())
       if n_chunks == 1:
-        return run_chunk(cstate, rngs, infos, num_ex)
+        return run_chunk(*args)
       split = lambda t: jax.tree.map(
           lambda a: a.reshape(n_chunks, pl.layout.chunk, *a.shape[1:]), t)
-      out = jax.lax.map(lambda args: run_chunk(*args), split((cstate, rngs, infos, num_ex)))
+      out = jax.lax.map(lambda a: run_chunk(*a), split(args))
       return jax.tree.map(lambda a: a.reshape(k_local, *a.shape[2:]), out)
 
     return jax.shard_map(
         client_block, mesh=mesh,
-        in_specs=(P(), P(), P(CLIENTS_AXIS), P(CLIENTS_AXIS), P(CLIENTS_AXIS), P(CLIENTS_AXIS)),
+        in_specs=(P(), P(CLIENTS_AXIS) if shard_data else P(), P(CLIENTS_AXIS),
+                  P(CLIENTS_AXIS), P(CLIENTS_AXIS), P(CLIENTS_AXIS)),
         out_specs=P(CLIENTS_AXIS), check_vma=False)
 
   blocks = [sharded_block(pl, pl.client_update) for pl in plans]
@@ -265,14 +277,15 @@ def make_round(algorithm: FederatedAlgorithm, sampler: Optional[Sampler] = None,
     cstate = jax.tree.map(lambda a: a[local], pool_clients)
     rngs = jax.vmap(lambda i: jax.random.fold_in(k_clients, i))(gids)
     infos = ClientInfo(gids, jnp.broadcast_to(round_, gids.shape), valid)
-    uploads, new_cstate, cmetrics = block(bcast, data, cstate, rngs, infos, num_ex)
+    rows = gather_clients(data, gids) if shard_data else data  # [K_pad, N, ...] from shards
+    uploads, new_cstate, cmetrics = block(bcast, rows, cstate, rngs, infos, num_ex)
     num_pool = data.num_examples.shape[0] if pl.client_ids is None else pl.client_ids.shape[0]
     scatter = jnp.where(valid, local, num_pool)  # padding slots -> dropped
     pool_clients = jax.tree.map(lambda a, u: a.at[scatter].set(u, mode="drop"), pool_clients,
                                 new_cstate)
     ask = None
     if query_block is not None:  # the second client phase, over the same cohort layout
-      ask = lambda q: query_block(q, data, new_cstate, rngs, infos, num_ex)
+      ask = lambda q: query_block(q, rows, new_cstate, rngs, infos, num_ex)
     sinfo = ServerInfo(round_, gids, num_ex, valid, ask)
     return uploads, num_ex.astype(jnp.float32), sinfo, pool_clients, sampler_state, cmetrics
 
@@ -351,8 +364,11 @@ def make_round(algorithm: FederatedAlgorithm, sampler: Optional[Sampler] = None,
   # Fixed shardings: the state and data are replicated, so the output state
   # matches the next call's input and round 2 reuses round 1's executable.
   replicated = NamedSharding(mesh, P())
+  shardings = [replicated] * num_args
+  if shard_data:
+    shardings[1] = NamedSharding(mesh, P(CLIENTS_AXIS))
   return jax.jit(round_fn, donate_argnums=(0,) if donate else (),
-                 in_shardings=(replicated,) * num_args, out_shardings=replicated)
+                 in_shardings=tuple(shardings), out_shardings=replicated)
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

@@ -5,7 +5,9 @@
   schedule (single-model and pooled algorithms, with client state), the streaming schedule and
   the per-client reference loop, 2 rounds each on the registry test's tiny experiment;
 * flat storage's bytes follow the examples: with one large client among many small ones it
-  stores a small fraction of the padded C x N_max rows.
+  stores a small fraction of the padded C x N_max rows;
+* sharded data (``make_round(shard_data=True)``, C split over 8 forced devices) equals
+  replicated data on one device.
 
 Axis legend: C clients, N examples per client, T total examples.
 """
@@ -84,3 +86,50 @@ def test_flat_storage_equals_padded_storage(name, kw):
   for (gs, gm), (ws, wm) in zip(got, want):
     for a, b in zip(jax.tree.leaves((gs, gm)), jax.tree.leaves((ws, wm))):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+_SHARDED_CODE = r"""
+import json, jax, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from test_registry_equivalence import experiment_config, NUM_CLIENTS
+from fedjax_sim.client_data import pad_clients
+from fedjax_sim.round import init_state, make_round, make_mesh, replicate
+from fedjax_sim.launch.experiment import build_experiment
+out = {}
+for name in ("fedavg", "scaffold"):
+  exp = build_experiment(experiment_config(name))
+  host = jax.device_get(exp.data.train)
+  res = []
+  for d, shard in ((1, False), (8, True)):
+    mesh = make_mesh(d)
+    state = init_state(exp.algorithm, exp.sampler, NUM_CLIENTS, seed=0, mesh=mesh)
+    fn = make_round(exp.algorithm, exp.sampler, seed=0, mesh=mesh, chunk_size=1,
+                    shard_data=shard)
+    if shard:
+      data = jax.device_put(pad_clients(host, d), NamedSharding(mesh, P("clients")))
+      per_device = {s.data.shape for s in data.x.addressable_shards}
+      assert per_device == {(data.x.shape[0] // d,) + data.x.shape[1:]}, per_device
+    else:
+      data = replicate(host, mesh)
+    for _ in range(3):
+      state, m = fn(state, data)
+    res.append([np.asarray(x).ravel() for x in jax.tree.leaves((state.server, state.clients))])
+  out[name] = [max(float(np.max(np.abs(a - b), initial=0.0)) for a, b in zip(*res)),
+               max(float(np.max(np.abs(a), initial=0.0)) for a in res[0])]
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_sharded_data_on_eight_devices_equals_replicated_on_one():
+  """make_round(shard_data=True): the client data split along C over 8 forced devices (12
+  clients padded to 16 with empty ones; each device holds 2) gives the rounds of replicated
+  data on one device, to float32 rounding (fedavg; scaffold with client state)."""
+  import json
+  import os
+  from conftest import run_python
+  here = os.path.dirname(os.path.abspath(__file__))
+  code = f"import sys; sys.path.insert(0, {here!r})\n" + _SHARDED_CODE
+  out = json.loads(run_python(code, devices=8, timeout=600).split("RESULT")[1])
+  for name, (diff, scale) in out.items():
+    assert scale > 0, name
+    assert diff <= 1e-6 + 1e-5 * scale, (name, diff, scale)
