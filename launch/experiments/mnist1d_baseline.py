@@ -15,8 +15,8 @@ Every run is ``launch/configs/fedavg_mnist1d.py`` built by
   lr 1e-2, minibatches of 100, 6,000 steps; FedAdam with one client taking one
   local step of lr 1), for logistic regression, the MLP, the CNN (``cnn1d``)
   and the GRU (``gru``); the global test set is the paper's 1,000 test
-  examples. The paper's table (arXiv 2011.14439, Table 1 / README): 32%, 68%,
-  94%, 91%. One compiled program per model serves every seed
+  examples. The paper's table (arXiv 2011.14439, as in the mnist1d README):
+  32%, 68%, 94%, 91%. One compiled program per model serves every seed
   (``make_round(seed=None)``).
 * ``fedavg``: FedAvg with 100 clients at Dir(0.5) over the 4,000 training
   examples, 20 per round, B = 10, E = 1, client lr 0.1, 500 rounds, for the
@@ -45,7 +45,7 @@ from fedjax_sim.metrics import sample_std
 from fedjax_sim.round import make_round
 from fedjax_sim.simulation import simulate
 
-# arXiv 2011.14439, Table 1 (also the mnist1d README): test accuracy, centralized.
+# arXiv 2011.14439 (the table of the mnist1d README): centralized test accuracy.
 PAPER = {"logreg": 0.32, "mlp": 0.68, "cnn1d": 0.94, "gru": 0.91}
 LABELS = {"logreg": "logistic regression", "mlp": "MLP", "cnn1d": "CNN (cnn1d)",
           "gru": "GRU (gru)"}
@@ -106,8 +106,8 @@ def _pct(x):
 
 
 def tables(results) -> str:
-  lines = ["| model | paper (arXiv 2011.14439) | ours: final test accuracy, mean ± std | "
-           "ours: best evaluation | seeds | wall (s, all seeds) |",
+  lines = ["| model | paper (arXiv 2011.14439; mnist1d README) | ours: final test accuracy, "
+           "mean ± std | ours: best evaluation | seeds | wall (s, all seeds) |",
            "| --- | --- | --- | --- | --- | --- |"]
   for m, r in results["centralized"].items():
     lines.append(f"| {LABELS[m]} | {_pct(PAPER[m])}% | {_pct(r['final_mean'])} ± "
