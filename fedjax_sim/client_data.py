@@ -47,7 +47,8 @@ class ClientData(NamedTuple):
 
   @property
   def max_examples(self) -> int:
-    return self.y.shape[-1]
+    """N, the padded examples per client (labels may be [C, N] or sequences [C, N, T])."""
+    return self.mask.shape[-1]
 
 
 def pack(xs: list[np.ndarray], ys: list[np.ndarray], multiple: int = 1) -> ClientData:
@@ -159,9 +160,11 @@ def flatten(data: ClientData) -> FlatClientData:
 def _flat_from_rows(x: np.ndarray, y: np.ndarray, sizes: np.ndarray, n_max: int
                     ) -> FlatClientData:
   offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int32)
-  tail = np.zeros((n_max, *x.shape[1:]), np.float32)
-  return FlatClientData(np.concatenate([x.astype(np.float32), tail]),
-                        np.concatenate([y.astype(np.int32), np.zeros(n_max, np.int32)]),
+  xd = x.dtype if np.issubdtype(x.dtype, np.integer) else np.float32  # token ids stay ints
+  tail = np.zeros((n_max, *x.shape[1:]), xd)
+  return FlatClientData(np.concatenate([x.astype(xd), tail]),
+                        np.concatenate([y.astype(np.int32),
+                                        np.zeros((n_max,) + y.shape[1:], np.int32)]),
                         offsets, sizes.astype(np.int32), int(n_max))
 
 
@@ -181,8 +184,8 @@ def pack_flat(xs: list[np.ndarray], ys: list[np.ndarray], multiple: int = 1) -> 
   sizes = np.array([len(y) for y in ys], dtype=np.int32)
   n = -(-max(int(sizes.max()), 1) // multiple) * multiple
   shape = xs[0].shape[1:]
-  x = np.concatenate([np.asarray(a, np.float32).reshape(-1, *shape) for a in xs])
-  y = np.concatenate([np.asarray(b).reshape(-1) for b in ys])
+  x = np.concatenate([np.asarray(a).reshape(-1, *shape) for a in xs])
+  y = np.concatenate([np.asarray(b).reshape(len(b), *np.asarray(b).shape[1:]) for b in ys])
   return _flat_from_rows(x, y, sizes, n)
 
 
@@ -207,9 +210,10 @@ def gather_clients(data: AnyClientData, ids: jax.Array) -> ClientData:
   def one(gid):
     off, n = data.offsets[gid], data.num_examples[gid]
     mask = jnp.arange(n_max) < n
-    x = jax.lax.dynamic_slice_in_dim(data.x, off, n_max)
-    x = jnp.where(mask.reshape((n_max,) + (1,) * (x.ndim - 1)), x, 0.0)
-    y = jnp.where(mask, jax.lax.dynamic_slice_in_dim(data.y, off, n_max), 0)
+    rows = lambda a: jnp.where(mask.reshape((n_max,) + (1,) * (a.ndim - 1)), a,
+                               jnp.zeros((), a.dtype))
+    x = rows(jax.lax.dynamic_slice_in_dim(data.x, off, n_max))
+    y = rows(jax.lax.dynamic_slice_in_dim(data.y, off, n_max))
     return ClientData(x, y, mask, n)
 
   ids = jnp.asarray(ids)
@@ -227,8 +231,9 @@ def batch_rows(data: AnyClientData, gid: jax.Array, idx: jax.Array, bmask: jax.A
   if isinstance(data, ClientData):
     return data.x[gid, idx], data.y[gid, idx]
   rows = data.offsets[gid] + idx
-  x = jnp.where(bmask.reshape(bmask.shape + (1,) * (data.x.ndim - 1)), data.x[rows], 0.0)
-  return x, jnp.where(bmask, data.y[rows], 0)
+  keep = lambda a: jnp.where(bmask.reshape(bmask.shape + (1,) * (a.ndim - 1)), a,
+                             jnp.zeros((), a.dtype))
+  return keep(data.x[rows]), keep(data.y[rows])
 
 
 def stored_bytes(data: AnyClientData) -> int:

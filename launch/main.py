@@ -313,7 +313,8 @@ def main(argv):
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   cfg = FLAGS.config
   workdir = FLAGS.workdir or os.path.join(
-      "runs", f"{cfg.algorithm}_{cfg.data.dataset.replace(':', '-')}_{time.strftime('%Y%m%d-%H%M%S')}")
+      "runs", f"{cfg.algorithm}_{cfg.data.dataset.replace(':', '-').replace('/', '_')}_"
+      f"{time.strftime('%Y%m%d-%H%M%S')}")
   from fedjax_sim.errors import FedSimError
   from fedjax_sim.data import DatasetError, PartitionError
   from fedjax_sim.launch.experiment import build_experiment, train_and_evaluate

@@ -47,6 +47,24 @@ def test_pack_flat_round_trips_padded_pack():
   assert not np.asarray(one.x[7:]).any() and int(one.num_examples) == 7
 
 
+def test_flat_storage_holds_token_sequences():
+  """Next-character data: x, y int32 [N, T] per client; the flat views equal the padded ones
+  (ids stay integers, padded rows are zeros)."""
+  rng = np.random.default_rng(1)
+  sizes = [2, 5, 1]
+  xs = [rng.integers(0, 90, (n, 7)).astype(np.int32) for n in sizes]
+  ys = [rng.integers(-1, 90, (n, 7)).astype(np.int32) for n in sizes]
+  n = 6
+  padded = ClientData(*(np.stack([np.concatenate([a, np.zeros((n - len(a), 7), np.int32)])
+                                  for a in arrs]) for arrs in (xs, ys)),
+                      np.arange(n)[None] < np.array(sizes)[:, None], np.array(sizes, np.int32))
+  assert padded.max_examples == n
+  flat = flatten(padded)
+  assert flat.x.dtype == np.int32 and flat.y.shape == (sum(sizes) + n, 7)
+  for a, b in zip(jax.tree.leaves(unflatten(flat)), jax.tree.leaves(padded)):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_flat_bytes_follow_the_examples():
   sizes = [5] * 199 + [500]  # one large client: padded storage is 200 x 500 rows
   flat, padded = pack_flat(*_clients(sizes)), pack(*_clients(sizes))
