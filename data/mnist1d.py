@@ -42,7 +42,7 @@ import numpy as np
 from fedjax_sim.data.registry import DatasetError, register_dataset
 from fedjax_sim.data.sources import Dataset
 
-__all__ = ["GENERATOR_ARGS", "cache_dir", "cache_path", "generate", "load_mnist1d"]
+__all__ = ["GENERATOR_ARGS", "cache_dir", "cache_path", "generate", "load_arrays", "load_mnist1d"]
 
 # The paper's generator arguments besides num_samples and seed (mnist1d's get_dataset_args();
 # arXiv 2011.14439, Sec. 2 and Appendix A).
