@@ -42,7 +42,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model_kwargs = ml_collections.ConfigDict({"hidden": (200, 200)})
 
   c.data = ml_collections.ConfigDict()
-  c.data.dataset = "digits"  # digits | synthetic | tfds:<mnist|fashion_mnist|cifar10|cifar100>
+  # digits | mnist1d | synthetic | tfds:<mnist|fashion_mnist|cifar10|cifar100> | leaf:<dir> |
+  # sqlite:<path> | parquet:<path>
+  c.data.dataset = "digits"
   c.data.data_dir = ml_collections.FieldReference(None, field_type=str)
   c.data.num_clients = 100  # C
   c.data.partition = "dirichlet"  # iid | dirichlet (PRA) | pathological (PAT) | quantity_skew
@@ -53,6 +55,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.storage = "padded"  # padded ([C, N, ...]) | flat ([T, ...]: memory follows examples)
   c.data.synthetic_alpha = 1.0
   c.data.synthetic_beta = 1.0
+  # MNIST-1D (data/mnist1d.py)
+  c.data.num_samples = 5000  # 4,000 train + 1,000 test as in the paper; more for client scale
+  c.data.mnist1d_seed = 42  # the generator's seed (the dataset is the same for every run seed)
   # Natural partitions (leaf:<dir>, sqlite:<path>, parquet:<path>; data/natural.py)
   c.data.min_client_size = 1  # drop clients with fewer training examples
   c.data.max_client_size = 0  # keep each client's first that many examples (0 = all)
