@@ -163,8 +163,8 @@ def truncation_delta(spec: PrivacySpec, eps: float, rounds: int) -> float:
   truncated sampler itself).
   """
   if (spec.sampling != "poisson" or spec.accountant == "pld" or
-      spec.cohort >= spec.num_clients or rounds <= 0):
-    return 0.0
+      spec.cohort >= spec.num_clients or rounds <= 0 or not math.isfinite(eps)):
+    return 0.0  # (epsilon = inf: no guarantee to adjust)
   from scipy import stats
   tail = float(stats.binom.sf(spec.cohort, spec.num_clients, spec.rate))
   return (1.0 + math.exp(min(eps, 700.0))) * rounds * tail

@@ -43,7 +43,8 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 
 def dp_config(**overrides):
   """A tiny DP run: 12 digits clients, Poisson sampling at q = 5/12 into 8 slots, z = 1,
-  adaptive clipping from C_0 = 0.5 (sigma_b = 1), MLP(16), 4 rounds (eval and checkpoint every 2)."""
+  adaptive clipping from C_0 = 0.5 (sigma_b = 1), MLP(16), 4 rounds (eval and checkpoint
+  every 2)."""
   c = tiny_config(sampler="poisson", clients_per_round=5, cohort_bound=8, chunk_size=2,
                   **overrides)
   c.data.num_clients = 12
@@ -227,6 +228,12 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
   for x, y in zip(*rows):
     for key in ("test_accuracy", "test_loss", "dp_epsilon", "dp_clip_norm", "server/dp_cohort"):
       assert x.get(key) == y.get(key), key
+  # The logged epsilon is dp_accounting's, computed here from the config: q = 5/12, z = 1,
+  # 4 rounds, delta = 12^-1.1 (RDP, Poisson).
+  import dp_accounting
+  direct = dp_accounting.rdp.RdpAccountant().compose(dp_accounting.PoissonSampledDpEvent(
+      5 / 12, dp_accounting.GaussianDpEvent(1.0)), 4).get_epsilon(12 ** -1.1)
+  assert rows[0][-1]["dp_epsilon"] == pytest.approx(direct, rel=1e-9)
   cfg = dp_config()
   exp = _experiment(cfg)
   from fedjax_sim.checkpoint import Checkpointer

@@ -121,3 +121,4 @@ def test_truncation_share_of_delta():
   assert 0 < extra <= (1 + math.exp(4.0)) * 100 * sampling.POISSON_TAIL
   assert privacy.truncation_delta(spec._replace(accountant="pld"), 4.0, 100) == 0.0
   assert privacy.truncation_delta(spec._replace(cohort=c), 4.0, 100) == 0.0
+  assert privacy.truncation_delta(spec, math.inf, 100) == 0.0  # no guarantee to adjust
