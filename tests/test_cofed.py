@@ -144,3 +144,18 @@ def test_registry_builder_and_knob_checks():
       registry.build("cofed_cotrain", ctx, knobs)
   with pytest.raises(ConfigError, match="no knob task_label_map"):
     registry.build("cofed_cotrain", ctx, {"task_label_map": None})
+
+
+def test_fedmuscle_driver_builds_both_baselines():
+  """The FedMuscle report's driver builds FedHeNN and CoFED on its users (knobs cfg.<method>)."""
+  from fedjax_sim.launch.configs.fedmuscle_digits import get_config
+  from fedjax_sim.launch.experiments import fedmuscle_digits as driver
+  cfg = get_config("smoke")
+  cfg.archs = ("mlp_s", "mlp_m")
+  cfg.fedhenn = {"public_batch": 4}
+  cfg.cofed_cotrain = {"label_rule": "refines", "public_batch": 4}
+  d = build_multitask_digits(num_clients=4, examples_per_user=10, public_per_class=2)
+  for name in ("fedhenn", "cofed_cotrain"):
+    alg = driver.baseline(name, cfg, d)
+    assert alg.name == name and [len(p.client_ids) for p in alg.pools] == [2, 2]
+  assert alg.init(jax.random.PRNGKey(0)).term.shape == (4, 4)  # B = 4 from cfg.cofed_cotrain
