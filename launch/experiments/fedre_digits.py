@@ -70,6 +70,7 @@ def run_method(method, datasets, rounds, eval_every, mesh, keep_states=(), archs
   """Trains ``method`` on every dataset with ONE compiled round; returns histories."""
   cfg = fedre_digits.get_config()
   cfg.algorithm = method
+  cfg.rounds = rounds  # schedules over the run's rounds (FedKD's energy threshold T(t))
   if archs:
     cfg.archs = tuple(archs)
   any_data = next(iter(datasets.values()))
