@@ -5,7 +5,9 @@ user has a task, a map of the digit label to its own classes (:data:`TASKS`),
 trains on its own labeled digits and is tested on the global test set under
 its task; a public split of the training digits, which no user holds, is the
 unlabeled alignment data. Registered as dataset ``digits_multitask``
-(``--config.data.dataset=digits_multitask``).
+(``--config.data.dataset=digits_multitask``), and on MNIST-1D signals (Greydanus and
+Kobak, arXiv 2011.14439; :mod:`fedjax_sim.data.mnist1d`) as ``mnist1d_multitask``:
+the same tasks on its ten digit labels.
 
 Axis legend: C users (clients), T tasks, N examples, N_pub public examples.
 """
@@ -19,9 +21,11 @@ from fedjax_sim import seeding
 from fedjax_sim.client_data import pack
 from fedjax_sim.data import partitioners, sources
 from fedjax_sim.data.federated import FederatedData, on_device
+from fedjax_sim.data.mnist1d import load_mnist1d
 from fedjax_sim.data.registry import DatasetError, register_dataset
 
-__all__ = ["MAX_CLASSES", "TASKS", "TASK_NAMES", "build_multitask_digits", "task_tables"]
+__all__ = ["MAX_CLASSES", "TASKS", "TASK_NAMES", "build_multitask_digits",
+           "build_multitask_mnist1d", "task_tables"]
 
 # Tasks on digit labels 0..9: name -> (label map [10], number of classes).
 TASKS: dict[str, tuple[tuple[int, ...], int]] = {
@@ -82,7 +86,13 @@ def build_multitask_digits(num_clients: int = 12, examples_per_user: int = 40,
   Raises:
     DatasetError: a knob out of range (the message names ``--config.data.<knob>``).
   """
-  ds = sources.load_digits()
+  return _multitask(sources.load_digits(), "digits_multitask", num_clients, examples_per_user,
+                    public_per_class, tasks, public_seed, seed, batch_size, partitioner)
+
+
+def _multitask(ds: sources.Dataset, name: str, num_clients, examples_per_user, public_per_class,
+               tasks, public_seed, seed, batch_size, partitioner) -> FederatedData:
+  """:func:`build_multitask_digits`'s construction on any 10-class dataset ``ds``."""
   smallest = int(np.bincount(ds.train_y, minlength=MAX_CLASSES).min())
   if not 1 <= public_per_class < smallest:
     raise DatasetError(f"data.public_per_class={public_per_class} must be in [1, {smallest - 1}] "
@@ -115,4 +125,32 @@ def build_multitask_digits(num_clients: int = 12, examples_per_user: int = 40,
   aux = {"public_x": ds.train_x[public_idx], "public_idx": public_idx, "tasks": user_tasks,
          "task_classes": task_classes, "task_label_map": label_map}
   return on_device(FederatedData(train, test, ds.test_x, ds.test_y, MAX_CLASSES,
-                                 tuple(ds.input_shape), "digits_multitask", aux))
+                                 tuple(ds.input_shape), name, aux))
+
+
+@register_dataset("mnist1d_multitask")
+def build_multitask_mnist1d(num_clients: int = 12, examples_per_user: int = 40,
+                            public_per_class: int = 30, tasks: Sequence[str] = TASK_NAMES,
+                            public_seed: int = 0, seed: int = 0, batch_size: int = 10,
+                            partitioner: Optional[Callable] = None, num_samples: int = 5000,
+                            mnist1d_seed: int = 42) -> FederatedData:
+  """:func:`build_multitask_digits` on MNIST-1D (arXiv 2011.14439) instead of digits.
+
+  The same public split, partition, per-user draw and task labels, drawn from
+  :func:`fedjax_sim.data.mnist1d.load_mnist1d`'s train split (4,000 signals at
+  the default ``num_samples``; 300 of them public by default) and tested on its
+  global test split (1,000 signals) under each user's task.
+
+  Args: as :func:`build_multitask_digits`, plus MNIST-1D's ``num_samples`` and
+    ``mnist1d_seed`` (``cfg.data.<name>``; :func:`~fedjax_sim.data.mnist1d.load_mnist1d`).
+
+  Returns:
+    FederatedData as :func:`build_multitask_digits`'s, with ``test`` [C, N_test],
+    ``public_x`` float32 [N_pub, 40] and name ``mnist1d_multitask``.
+
+  Raises:
+    DatasetError: a knob out of range (the message names ``--config.data.<knob>``).
+  """
+  return _multitask(load_mnist1d(num_samples, mnist1d_seed), "mnist1d_multitask", num_clients,
+                    examples_per_user, public_per_class, tasks, public_seed, seed, batch_size,
+                    partitioner)

@@ -193,8 +193,8 @@ def test_build_federated_data_digits(small_config):
 
 def test_unknown_dataset_error_lists_the_registered_names():
   with pytest.raises(DatasetError, match="Unknown dataset 'imagenet'; set --config.data.dataset "
-                     "to one of digits, digits_multitask, leaf:<path>, mnist1d, parquet:<path>, "
-                     "sqlite:<path>, synthetic, tfds:cifar10") as err:
+                     "to one of digits, digits_multitask, leaf:<path>, mnist1d, mnist1d_multitask, "
+                     "parquet:<path>, sqlite:<path>, synthetic, tfds:cifar10") as err:
     build_federated_data({"dataset": "imagenet"})
   assert "\n" not in str(err.value)
 

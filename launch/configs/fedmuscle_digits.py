@@ -17,11 +17,18 @@ Report (every method and seed; reproduces docs/results/fedmuscle_digits.md)::
   python -m fedjax_sim.launch.experiments.fedmuscle_digits --out=docs/results
 
 ``seeds`` and ``methods`` are the report driver's. ``get_config("smoke")`` is a
-seconds-long variant (2 rounds, 1 seed).
+seconds-long variant (2 rounds, 1 seed). ``get_config("mnist1d")`` (combinable with
+``smoke``: ``mnist1d,smoke``) is the MNIST-1D setting of ``docs/results/fedmuscle_mnist1d.md``
+(dataset ``mnist1d_multitask``, arXiv 2011.14439): 100 users, Dir(0.5) partition of the
+non-public signals (each user keeps at most 40), architectures :data:`ARCHS_MNIST1D`::
+
+  python -m fedjax_sim.launch.experiments.fedmuscle_digits --dataset=mnist1d --out=docs/results
 """
 import ml_collections
 
 from fedjax_sim.launch.configs.base import get_base_config
+
+ARCHS_MNIST1D = ("mlp_s", "cnn1d_s", "gru_s")  # MODEL_ZOO models for 1-D signals
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -46,9 +53,17 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.local_epochs = 1  # E
   c.seeds = (0, 1, 2)  # the report's seeds (driver only)
   c.methods = ("local", "muscle", "pairwise", "gram")  # the report's methods (driver only)
-  if arg == "smoke":
+  opts = {a for a in arg.split(",") if a}
+  if opts - {"smoke", "mnist1d"}:
+    raise ValueError(f"unknown variant ':{arg}'; use smoke, mnist1d or mnist1d,smoke (or "
+                     "nothing).")
+  if "mnist1d" in opts:
+    c.archs = ARCHS_MNIST1D
+    c.data.dataset = "mnist1d_multitask"
+    c.data.num_clients = c.clients_per_round = 100
+    c.data.partition = "dirichlet"
+    c.data.alpha = 0.5
+  if "smoke" in opts:
     c.rounds = c.rounds_per_call = c.eval_every = 2
     c.seeds = (0,)
-  elif arg:
-    raise ValueError(f"unknown variant ':{arg}'; use smoke (or nothing).")
   return c

@@ -10,23 +10,27 @@ trained 1 epoch SGD lr 0.01 batch 32.
 
 Variants (``:arg``, combinable with ``,``): ``pat`` (pathological partition
 instead of PRA), ``c100k10`` / ``c100k20`` (100 clients, 10 or 20 per round),
-``smoke`` (seconds). Pick the method with ``--config.algorithm`` (fedre,
-fedproto, fedgh, fedallrep, lg_fedavg, local_pools); FedRE's knobs live in
-``--config.fedre.*`` (variant RSR|VAR|RAR|RSP|VAP|RAP, weights
-uniform|gaussian|laplacian, rm avg|max|fc, dim, resample, server_*).
+``smoke`` (seconds), ``mnist1d`` (MNIST-1D, arXiv 2011.14439: 100 clients, 20
+per round unless ``c100k10``, Dir(0.5) (``dir05``, its default partition), B = 10, the 1-D
+architectures :data:`ARCHS_MNIST1D`; ``docs/results/fedre_mnist1d.md``). Pick the method
+with ``--config.algorithm`` (fedre, fedproto, fedgh, fedallrep, lg_fedavg, local_pools,
+fedkd, fedgen, fedtgp, fedmrl); FedRE's knobs live in ``--config.fedre.*`` (variant
+RSR|VAR|RAR|RSP|VAP|RAP, weights uniform|gaussian|laplacian, rm avg|max|fc, dim, resample,
+server_*).
 The report is made by ``python launch/experiments/fedre_digits.py``.
 """
 from fedjax_sim.launch.configs.base import get_base_config
 
 ARCHS = ("mlp_s", "mlp_m", "mlp_l", "cnn_s", "resnet_s")
+ARCHS_MNIST1D = ("mlp_s", "mlp_m", "cnn1d_s", "gru_s")  # MODEL_ZOO models for 1-D signals
 
 
 def get_config(arg: str = ""):
   opts = {a for a in (arg or "").split(",") if a}
-  unknown = opts - {"pat", "pra", "c100k10", "c100k20", "smoke"}
+  unknown = opts - {"pat", "pra", "dir05", "c100k10", "c100k20", "smoke", "mnist1d"}
   if unknown:
     raise ValueError(f"unknown variant(s) {sorted(unknown)}; use fedre_digits.py:pat, :c100k10, "
-                     ":c100k20, :smoke (comma-separated).")
+                     ":c100k20, :smoke, :mnist1d, :dir05 (comma-separated).")
   c = get_base_config()
   c.algorithm = "fedre"
   c.archs = ARCHS
@@ -50,10 +54,21 @@ def get_config(arg: str = ""):
     c.data.num_clients = 100
     c.clients_per_round = 10 if "c100k10" in opts else 20
     c.data.classes_per_client = 2
+  if "mnist1d" in opts:
+    c.data.dataset = "mnist1d"  # 5,000 signals: 4,000 train (split over clients), 1,000 test
+    c.archs = ARCHS_MNIST1D
+    c.data.num_clients = 100
+    c.clients_per_round = 10 if "c100k10" in opts else 20
+    c.batch_size = 10  # a client holds about 30 training signals (B = 32 would be one step)
+    if "pat" not in opts and "pra" not in opts:
+      opts.add("dir05")
+  if "dir05" in opts:
+    c.data.partition = "dirichlet"
+    c.data.alpha = 0.5
   if "smoke" in opts:
     c.rounds = 4
     c.rounds_per_call = 2
     c.eval_every = 2
     c.checkpoint_every = 2
-    c.archs = ("mlp_s", "cnn_s")
+    c.archs = ("mlp_s", "cnn1d_s" if "mnist1d" in opts else "cnn_s")
   return c

@@ -20,7 +20,9 @@ are sample standard deviations over seeds (ddof = 1).
   python launch/experiments/fedre_digits.py --rounds 4 --seeds 0 --methods fedre --out /tmp/x
 
 Writes ``<out>/fedre_digits_results.json``, ``fedre_digits_*.png`` and
-``fedre_digits_tables.md``.
+``fedre_digits_tables.md``. ``--dataset mnist1d`` runs the config's ``mnist1d``
+variant (100 clients, 20 per round, partition ``dir05`` = Dir(0.5), 1-D
+architectures) and writes ``fedre_mnist1d_*`` (``docs/results/fedre_mnist1d.md``).
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ from fedjax_sim.simulation import simulate
 METHODS = ("fedre", "fedproto", "fedgh", "local_pools", "fedallrep")
 LABELS = {"fedre": "FedRE (RAP)", "fedproto": "FedProto", "fedgh": "FedGH",
           "local_pools": "Local", "fedallrep": "FedAllRep", "lg_fedavg": "LG-FedAvg",
-          "fedtgp": "FedTGP", "fedmrl": "FedMRL"}
+          "fedtgp": "FedTGP", "fedmrl": "FedMRL", "fedkd": "FedKD", "fedgen": "FedGen"}
 
 
 def load_all(partitions, seeds, arg_extra=""):
@@ -57,7 +59,7 @@ def load_all(partitions, seeds, arg_extra=""):
     for seed in seeds:
       cfg = fedre_digits.get_config(",".join(a for a in (part, arg_extra) if a))
       out[(part, seed)] = build_federated_data(cfg.data, batch_size=cfg.batch_size, seed=seed)
-  b = fedre_digits.get_config().batch_size
+  b = fedre_digits.get_config(arg_extra).batch_size
   n_tr = max(d.train.y.shape[1] for d in out.values())
   n_tr = -(-n_tr // b) * b
   n_te = max(d.test.y.shape[1] for d in out.values())
@@ -66,9 +68,10 @@ def load_all(partitions, seeds, arg_extra=""):
   return out
 
 
-def run_method(method, datasets, rounds, eval_every, mesh, keep_states=(), archs=None):
+def run_method(method, datasets, rounds, eval_every, mesh, keep_states=(), archs=None,
+               arg_extra=""):
   """Trains ``method`` on every dataset with ONE compiled round; returns histories."""
-  cfg = fedre_digits.get_config()
+  cfg = fedre_digits.get_config(arg_extra)
   cfg.algorithm = method
   cfg.rounds = rounds  # schedules over the run's rounds (FedKD's energy threshold T(t))
   if archs:
@@ -179,9 +182,10 @@ def write_tables(table, shapes, inv, path, methods, partitions):
       cells += [f"{100 * np.mean(t['final']):.2f} ± {100 * sample_std(t['final']):.2f}",
                 f"{100 * np.mean(t['best']):.2f} ± {100 * sample_std(t['best']):.2f}"]
     lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
-  lines += ["", "| method | upload / round (PRA, actual) | upload / round (PAT, actual) | "
-            "upload / round (dense shapes) | broadcast / round (actual, PRA) | "
-            "upload vs FedProto (PRA) |", "|---|---|---|---|---|---|"]
+  p0, p1 = partitions[0].upper(), partitions[-1].upper()
+  lines += ["", f"| method | upload / round ({p0}, actual) | upload / round ({p1}, actual) | "
+            f"upload / round (dense shapes) | broadcast / round (actual, {p0}) | "
+            f"upload vs FedProto ({p0}) |", "|---|---|---|---|---|---|"]
   ref = np.mean(table[("fedproto", partitions[0])]["upload"]) if ("fedproto", partitions[0]) \
       in table else None
   for m in methods:
@@ -205,7 +209,7 @@ def write_tables(table, shapes, inv, path, methods, partitions):
   return "\n".join(lines)
 
 
-def plot(runs, table, shapes, inv, out, methods, partitions):
+def plot(runs, table, shapes, inv, out, methods, partitions, dataset="digits", clients=10):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -218,11 +222,11 @@ def plot(runs, table, shapes, inv, out, methods, partitions):
       ax.plot(rounds, acc.mean(0), label=LABELS[m])
       ax.fill_between(rounds, acc.min(0), acc.max(0), alpha=0.15)
     ax.set(xlabel="round", ylabel="test accuracy (clients' own splits)",
-           title=f"digits, {p.upper()}, 10 clients, {len(hs)} seeds (band = min..max)")
+           title=f"{dataset}, {p.upper()}, {clients} clients, {len(hs)} seeds (band = min..max)")
     ax.grid(alpha=0.3)
     ax.legend()
   fig.tight_layout()
-  fig.savefig(os.path.join(out, "fedre_digits_accuracy.png"), dpi=100)
+  fig.savefig(os.path.join(out, f"fedre_{dataset}_accuracy.png"), dpi=100)
   plt.close(fig)
 
   fig, ax = plt.subplots(figsize=(7, 4))
@@ -234,11 +238,12 @@ def plot(runs, table, shapes, inv, out, methods, partitions):
   ax.bar(xs + 0.2, dense, 0.4, label="dense array shapes (comm.round_comm)")
   ax.set_yscale("log")
   ax.set_xticks(xs, [LABELS[m] for m in ms])
-  ax.set(ylabel="scalars uploaded per round (10 clients)", title="upload per round (Local: 0)")
+  ax.set(ylabel=f"scalars uploaded per round ({clients} clients)" if dataset == "digits" else
+         "scalars uploaded per round (one cohort)", title="upload per round (Local: 0)")
   ax.legend()
   ax.grid(alpha=0.3, axis="y")
   fig.tight_layout()
-  fig.savefig(os.path.join(out, "fedre_digits_comm.png"), dpi=100)
+  fig.savefig(os.path.join(out, f"fedre_{dataset}_comm.png"), dpi=100)
   plt.close(fig)
 
   if inv:
@@ -255,7 +260,7 @@ def plot(runs, table, shapes, inv, out, methods, partitions):
       ax.legend()
       ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "fedre_digits_inversion.png"), dpi=100)
+    fig.savefig(os.path.join(out, f"fedre_{dataset}_inversion.png"), dpi=100)
     plt.close(fig)
 
 
@@ -265,18 +270,21 @@ def main():
   ap.add_argument("--rounds", type=int, default=50)
   ap.add_argument("--eval-every", type=int, default=10)
   ap.add_argument("--seeds", default="0,1,2")
-  ap.add_argument("--partitions", default="pra,pat")
+  ap.add_argument("--dataset", default="digits", choices=("digits", "mnist1d"))
+  ap.add_argument("--partitions", default="", help="default: pra,pat (digits), dir05 (mnist1d)")
   ap.add_argument("--methods", default=",".join(METHODS))
   ap.add_argument("--decoder-steps", type=int, default=1500)
   ap.add_argument("--archs", default="", help="comma-separated MODEL_ZOO names (default: the "
                   "config's 5)")
   args = ap.parse_args()
   seeds = [int(s) for s in args.seeds.split(",")]
+  args.partitions = args.partitions or ("pra,pat" if args.dataset == "digits" else "dir05")
   partitions = args.partitions.split(",")
+  extra = "" if args.dataset == "digits" else args.dataset  # the config's variant
   methods = args.methods.split(",")
   os.makedirs(args.out, exist_ok=True)
   mesh = make_mesh()
-  datasets = load_all(partitions, seeds)
+  datasets = load_all(partitions, seeds, extra)
   inv_keys = [(p, seeds[0]) for p in partitions]
   all_runs, shapes, states = [], {}, {}
   t0 = time.perf_counter()
@@ -284,22 +292,24 @@ def main():
     tm = time.perf_counter()
     runs, shapes[m], st = run_method(m, datasets, args.rounds, args.eval_every, mesh,
                                      keep_states=inv_keys,
-                                     archs=args.archs.split(",") if args.archs else None)
+                                     archs=args.archs.split(",") if args.archs else None,
+                                     arg_extra=extra)
     states[m] = st
     all_runs += runs
     print(f"{m}: {time.perf_counter() - tm:.0f}s", flush=True)
   inv = {}
-  if args.decoder_steps > 0:
+  if args.decoder_steps > 0 and args.dataset == "digits":  # the decoder outputs pixels in [0, 1]
     for key in inv_keys:
       inv[f"{key[0].upper()} seed {key[1]}"] = inversion_eval(states, datasets, key,
                                                              args.decoder_steps)
   total = time.perf_counter() - t0
   table = summarize_runs(all_runs)
-  md = write_tables(table, shapes, inv, os.path.join(args.out, "fedre_digits_tables.md"),
+  md = write_tables(table, shapes, inv, os.path.join(args.out, f"fedre_{args.dataset}_tables.md"),
                     methods, partitions)
   print(md)
-  plot(all_runs, table, shapes, inv, args.out, methods, partitions)
-  with open(os.path.join(args.out, "fedre_digits_results.json"), "w") as f:
+  plot(all_runs, table, shapes, inv, args.out, methods, partitions, args.dataset,
+       next(iter(datasets.values())).num_clients)
+  with open(os.path.join(args.out, f"fedre_{args.dataset}_results.json"), "w") as f:
     json.dump({"args": vars(args), "total_s": total, "runs": all_runs,
                "comm_shapes": shapes, "inversion": inv}, f)
   print(f"total {total:.0f}s")
