@@ -161,7 +161,7 @@ def make_round(algorithm: FederatedAlgorithm, sampler: Optional[Sampler] = None,
       ``local``; ``chunk_size`` is then unused).
       ``"auto"``: ``"stream"`` for the algorithms it supports with a fixed-size cohort,
       else ``"chunked"``.
-    slots: W for ``schedule="stream"`` (default ``min(K, stream.DEFAULT_SLOTS)``).
+    slots: W for ``schedule="stream"`` (default :func:`fedjax_sim.stream.default_slots`).
     shard_data: shard the padded client data along C over the mesh's ``clients`` axis
       instead of replicating it (for data larger than one device): each round gathers its
       cohort's rows from the shards (XLA's distributed gather) and hands every device only

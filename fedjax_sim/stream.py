@@ -63,7 +63,18 @@ from fedjax_sim.sampling import Sampler
 
 CLIENTS_AXIS = "clients"
 
-DEFAULT_SLOTS = 10  # the fastest W of bench/STREAM.md (digits, K=20 and 100); provisional
+MAX_DEFAULT_SLOTS = 20
+
+
+def default_slots(queue_length: int) -> int:
+  """W when none is given: ceil(K_d / 4), capped at 20 (K_d = a device's queue length).
+
+  From bench/RESULTS.md (2026-12-01, one run on the loaded 2-core CPU): the fastest W was 3-5
+  at K = 20, 20 at K = 100 (digits) and 5-20 (equal) at K = 1000 (synthetic). A W close to
+  K_d makes the stream plain vmap over one wave (padding returns); a W far above the cache's
+  reach makes each W-wide step slow.
+  """
+  return max(1, min(MAX_DEFAULT_SLOTS, -(-queue_length // 4)))
 
 
 class _Slot(NamedTuple):
@@ -146,7 +157,7 @@ def make_stream_phase(spec, sampler: Sampler, *, slots: Optional[int], mesh: Mes
     sampler: cohort sampler (K = ``sampler.clients_per_round``); for a pool it samples local
       member indices in [0, C_p).
     slots: W, clients trained side by side (vmapped) on each device; capped at the device's
-      queue length ceil(K / D). None: ``min(ceil(K / D), DEFAULT_SLOTS)``.
+      queue length ceil(K / D). None: :func:`default_slots`.
     mesh: the round's 1-D mesh (axis ``clients``, D devices).
     sort_by_size: queue the cohort longest first (else in the sampler's order).
     mean_only: the server reads only the uploads' weighted mean
@@ -173,7 +184,7 @@ def make_stream_phase(spec, sampler: Sampler, *, slots: Optional[int], mesh: Mes
   devices = mesh.devices.size
   kd = -(-k // devices)  # queue length per device
   kp = kd * devices
-  w = min(kd, slots or DEFAULT_SLOTS)
+  w = min(kd, slots or default_slots(kd))
   bsz = spec.batch_size
   members = None if client_ids is None else jnp.asarray(client_ids)
   # Device-major order: device d holds queue positions d, d + D, d + 2D, ...

@@ -83,8 +83,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Engine
   c.rounds_per_call = 10  # rounds fused with lax.scan per jitted call
   c.chunk_size = 5  # clients vmapped together (0 = whole cohort per device); 5 was fastest on CPU (bench/RESULTS.md)
-  c.schedule = "chunked"  # chunked | stream (continuous client batching) | auto (fedjax_sim/stream.py)
-  c.slots = 0  # W, clients streamed side by side per device (0 = stream.DEFAULT_SLOTS)
+  # auto: the streaming schedule (continuous client batching, fedjax_sim/stream.py) for the
+  # algorithms it supports, else chunked; chosen by measurement (bench/RESULTS.md).
+  c.schedule = "auto"  # auto | chunked | stream
+  c.slots = 0  # W, clients streamed side by side per device (0 = stream.default_slots: ceil(K/4) <= 20)
   c.num_devices = 0  # 0 = all visible devices
   c.eval_every = 10
   c.checkpoint_every = 50
