@@ -566,6 +566,20 @@ ANALYSIS = """## What this shows / what limits it
   (the backward dX product in particular). Size-sorted chunks of a few clients
   (``chunk_size`` 1-10) fix the padding and keep each chunk's weights in cache;
   they are the fast setting here.
+* **Continuous client batching** (``stream W=...``, ``schedule="stream"``):
+  W slots per device each train one client one step at a time and take the
+  queue's next client when theirs is done, so the only padding left is each
+  client's last partial batch: its padding efficiency equals the reference
+  loop's (the bound for any per-client schedule: about 0.73 on digits at B=10,
+  0.91 on synthetic), so issue 16's 0.95 is out of reach on these workloads.
+  It wins where chunks pad most: heavy-tailed synthetic sizes at K=1000 (about
+  1.8x chunk=10 in the 2026-12-01 run) and digits at K=100 with W=20; at K=20
+  it ties with chunk=5 within the noise. Its working set is smaller (XLA MiB
+  column): FedAvg's server reads only the mean, so the stream keeps a running
+  weighted sum instead of [K, params] uploads. A W-wide step is a batched
+  matmul too, so on this CPU a client-step in a slot costs about as much as
+  one alone (bench/STREAM.md); the stream's gain is the padding and dispatch it
+  removes, not faster steps.
 * **Why the gain is small in absolute terms.** One client step of the 2NN at
   B=10 is ~3 MFLOP; at that size XLA:CPU per-op/loop overhead, not FLOPs,
   sets the time, for the reference and for the vectorized round alike (useful
@@ -587,7 +601,11 @@ ANALYSIS = """## What this shows / what limits it
   and compiled programs; the XLA column shows the round's own working set,
   which grows with the cohort through the per-client outputs ([K, params] uploads)
   and the cohort's state; each chunk gathers its own clients' data inside the
-  chunk loop, so the data part scales with the chunk, not the cohort."""
+  chunk loop, so the data part scales with the chunk, not the cohort. The
+  stream keeps [K] uploads only for servers that need them
+  (``reads_weighted_mean`` servers get a running sum), and flat storage
+  (``--config.data.storage=flat``) makes the dataset itself follow the
+  examples (bench/SCALE.md)."""
 
 
 if __name__ == "__main__":
