@@ -31,6 +31,13 @@ Determinism: ``augment_batch(key, x)`` is a pure function of the key (one
 and in every chunk of the vmapped cohort.
 
 Shapes: B batch, H x W x Ch image (channels last), float32 in [0, 1].
+
+1-D signals (an example of shape [L], e.g. MNIST-1D, arXiv 2011.14439) take the
+same knobs along their one axis (:func:`augment_signal`): zoom about the centre
+and shift by up to ``max_shift`` samples (linear interpolation, zero fill),
+time reversal with ``flip_prob``, intensity, a zeroed segment of
+``cutout_size`` samples, Gaussian noise; no rotation, and no clip, since such
+signals are standardized rather than in [0, 1].
 """
 from __future__ import annotations
 
@@ -79,17 +86,42 @@ def _affine(x: jax.Array, theta: jax.Array, scale: jax.Array, shift: jax.Array) 
   return jax.vmap(warp, in_axes=2, out_axes=2)(x)
 
 
+def augment_signal(key: jax.Array, x: jax.Array,
+                   cfg: AugmentConfig = AugmentConfig()) -> jax.Array:
+  """One random view of one 1-D signal x float32 [L] -> [L] (see the module docstring)."""
+  k_scale, k_shift, k_flip, k_int, k_cut, k_cutpos, k_noise = jax.random.split(key, 7)
+  n = x.shape[0]
+  c = (n - 1) / 2.0
+  scale = jax.random.uniform(k_scale, (), minval=cfg.scale_range[0], maxval=cfg.scale_range[1])
+  shift = jax.random.uniform(k_shift, (), minval=-cfg.max_shift, maxval=cfg.max_shift)
+  src = (jnp.arange(n, dtype=jnp.float32) - c - shift) / scale + c
+  y = jax.scipy.ndimage.map_coordinates(x, [src], order=1, mode="constant", cval=0.0)
+  if cfg.flip_prob > 0:
+    y = jnp.where(jax.random.bernoulli(k_flip, cfg.flip_prob), y[::-1], y)
+  y = y * jax.random.uniform(k_int, (), minval=cfg.intensity_range[0],
+                             maxval=cfg.intensity_range[1])
+  if cfg.cutout_size > 0 and cfg.cutout_prob > 0:
+    pos = jax.random.randint(k_cutpos, (), 0, n)
+    box = jnp.abs(jnp.arange(n) - pos) <= cfg.cutout_size // 2
+    y = jnp.where(jax.random.bernoulli(k_cut, cfg.cutout_prob) & box, 0.0, y)
+  if cfg.noise_std > 0:
+    y = y + cfg.noise_std * jax.random.normal(k_noise, y.shape, y.dtype)
+  return y
+
+
 def augment_one(key: jax.Array, x: jax.Array, cfg: AugmentConfig = AugmentConfig()) -> jax.Array:
-  """One random view of one image.
+  """One random view of one image (or of one 1-D signal: :func:`augment_signal`).
 
   Args:
     key: PRNG key.
-    x: float32 [H, W, Ch] in [0, 1].
+    x: float32 [H, W, Ch] in [0, 1], or a signal float32 [L].
     cfg: strengths.
 
   Returns:
-    float32 [H, W, Ch] in [0, 1].
+    float32 [H, W, Ch] in [0, 1], or [L].
   """
+  if x.ndim == 1:
+    return augment_signal(key, x, cfg)
   k_rot, k_scale, k_shift, k_flip, k_int, k_cut, k_cutpos, k_noise = jax.random.split(key, 8)
   h, w = x.shape[0], x.shape[1]
   max_rot = math.radians(cfg.max_rotation_deg)
