@@ -5,6 +5,10 @@ Reproduces ``docs/results/codist_digits.md`` (arXiv 2310.02549;
 
   python -m fedjax_sim.launch.experiments.codist_digits --out=docs/results
 
+``--dataset=mnist1d`` runs the same settings on MNIST-1D (arXiv 2011.14439) with
+100 clients, K = 20 for the small pool and 10 for the large one (the digits
+run's fractions), into ``codist_mnist1d_*``.
+
 Settings (knobs from ``launch/configs/codist_digits.py``):
 
 * ``capacity``: 50 clients, Dir(0.5) over the digits train split minus 250
@@ -65,13 +69,16 @@ DOMAIN_METHODS = {  # name -> (mode, knob overrides, server set)
 }
 
 
-def run_setting(setting: str, seeds, rounds: int, methods: dict) -> dict:
+def run_setting(setting: str, seeds, rounds: int, methods: dict, dataset: str = "digits") -> dict:
   cfg = get_config("domain_shift" if setting == "domain" else "merged")
+  if dataset != "digits":  # 100 clients, the digits run's fractions per round (20%, 1/3 of 30)
+    cfg.data.dataset, cfg.data.num_clients, cfg.clients_per_round = dataset, 100, 20
+    cfg.codist.k_large = 10
   complete_config(cfg)  # cfg.codist: every knob (codist(...)'s defaults where the file sets none)
   c = cfg.codist
   domain = setting == "domain"
   datas = {s: build_codist_data(
-      num_clients=cfg.data.num_clients, large_fraction=c.large_fraction,
+      dataset=cfg.data.dataset, num_clients=cfg.data.num_clients, large_fraction=c.large_fraction,
       server_size=cfg.data.server_size, partition=cfg.data.partition, alpha=cfg.data.alpha,
       domain_classes=cfg.data.domain_classes if domain else None,
       ood_classes=cfg.data.ood_classes if domain else None, batch_size=cfg.batch_size, seed=s,
@@ -186,30 +193,33 @@ def main():
   ap.add_argument("--rounds", type=int, default=100)
   ap.add_argument("--seeds", default="0,1,2")
   ap.add_argument("--settings", default="capacity,domain")
+  ap.add_argument("--dataset", default="digits", choices=("digits", "mnist1d"),
+                  help="mnist1d: 100 clients, K = 20 and 10 (outputs codist_mnist1d_*)")
   args = ap.parse_args()
+  name = f"codist_{args.dataset}"
   seeds = [int(s) for s in args.seeds.split(",")]
   os.makedirs(args.out, exist_ok=True)
   results, lines = {}, []
   t0 = time.time()
   for setting in args.settings.split(","):
     methods = CAPACITY_METHODS if setting == "capacity" else DOMAIN_METHODS
-    res = run_setting(setting, seeds, args.rounds, methods)
+    res = run_setting(setting, seeds, args.rounds, methods, args.dataset)
     results[setting] = res
     if setting == "capacity":
       keys = ["small/all", "large/all"]
-      plot(res, keys, os.path.join(args.out, "codist_digits_capacity.png"),
-           "CODIST on digits, capacity pools (mean ± std over seeds)")
+      plot(res, keys, os.path.join(args.out, f"{name}_capacity.png"),
+           f"CODIST on {args.dataset}, capacity pools (mean ± std over seeds)")
     else:
       keys = ["small/B(4-7)", "small/A(0-3)", "large/A(0-3)", "large/B(4-7)"]
-      plot(res, keys, os.path.join(args.out, "codist_digits_domain.png"),
-           "CODIST on digits, domain shift: small pool 4-7, large pool 0-3")
+      plot(res, keys, os.path.join(args.out, f"{name}_domain.png"),
+           f"CODIST on {args.dataset}, domain shift: small pool 4-7, large pool 0-3")
     lines += [f"### {setting} (final round {args.rounds}, mean ± std over seeds {seeds})", ""]
     peak = [k for k in keys if k in ("small/A(0-3)", "large/B(4-7)")]
     lines += table(res, keys, peak) + [""]
   lines.append(f"total wall time {time.time() - t0:.0f} s")
-  with open(os.path.join(args.out, "codist_digits_results.json"), "w") as f:
+  with open(os.path.join(args.out, f"{name}_results.json"), "w") as f:
     json.dump(results, f)
-  with open(os.path.join(args.out, "codist_digits_table.md"), "w") as f:
+  with open(os.path.join(args.out, f"{name}_table.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines))
 

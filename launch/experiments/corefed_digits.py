@@ -17,6 +17,8 @@ D_Manhattan, ...) plus ``repr_metrics.make_repr_eval(..., metrics=("disparity",)
   python launch/experiments/corefed_digits.py --report-only        # tables/plots from the JSON
   python launch/experiments/corefed_digits.py --methods fedmdfg --merge  # add/redo one method
   python launch/experiments/corefed_digits.py --methods fedmdfg_strict --merge --no-throughput
+  python launch/experiments/corefed_digits.py --dataset mnist1d --no-throughput \
+      --out /tmp/cf  # the same runs on MNIST-1D -> corefed_mnist1d_* (--alpha 0.1: Dir(0.1))
 
 Writes ``<out>/corefed_digits_results.json`` (all histories), PNG plots and
 ``corefed_digits_table.md`` (the tables the report quotes). ``--throughput-only``
@@ -51,8 +53,13 @@ KEYS = ("test_accuracy", "client_acc_mean", "client_acc_worst10", "client_acc_st
         "d_manhattan", "jain_index", "repr_disparity")
 
 
-def method_config(method: str, seed: int, rounds: int, eval_every: int):
+def method_config(method: str, seed: int, rounds: int, eval_every: int,
+                  dataset: str = "digits", alpha: float | None = None):
   c = corefed_digits.get_config()
+  if dataset != "digits":  # e.g. mnist1d: the same clients, model and knobs on other data
+    c.data.dataset = dataset
+  if alpha is not None:  # Dirichlet concentration of the label partition (config: 0.5)
+    c.data.alpha = alpha
   if method == "reference":
     c.algorithm, c.corefed = "corefed", ml_collections.ConfigDict({"reference_code": True})
   elif method == "fedmdfg_strict":  # textbook Armijo and cosine tests in the line search
@@ -64,9 +71,10 @@ def method_config(method: str, seed: int, rounds: int, eval_every: int):
   return c
 
 
-def run_one(method: str, seed: int, rounds: int, eval_every: int) -> dict:
+def run_one(method: str, seed: int, rounds: int, eval_every: int,
+            dataset: str = "digits", alpha: float | None = None) -> dict:
   """Trains one method/seed; returns its evaluation history and timings."""
-  cfg = method_config(method, seed, rounds, eval_every)
+  cfg = method_config(method, seed, rounds, eval_every, dataset, alpha)
   exp = experiment.build_experiment(cfg)
   evaluate = evaluation.make_evaluate(exp.algorithm)
   embed_fn, _ = experiment.build_context(cfg, exp.data).embedding_fn()
@@ -149,7 +157,7 @@ def final_stats(runs: list[dict], last: int) -> dict:
   return out
 
 
-def plot(runs: list[dict], out_dir: str) -> list[str]:
+def plot(runs: list[dict], out_dir: str, dataset: str = "digits") -> list[str]:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -171,10 +179,10 @@ def plot(runs: list[dict], out_dir: str) -> list[str]:
   for ax in axes:
     ax.grid(alpha=0.3)
   axes[0].legend()
-  fig.suptitle("digits, 100 clients, Dir(0.5), 20/round, power-law availability "
+  fig.suptitle(f"{dataset}, 100 clients, Dir(0.5), 20/round, power-law availability "
                f"(mean +- std over {len({r['seed'] for r in runs})} seeds)")
   fig.tight_layout()
-  p1 = os.path.join(out_dir, "corefed_digits_curves.png")
+  p1 = os.path.join(out_dir, f"corefed_{dataset}_curves.png")
   fig.savefig(p1, dpi=90)
   plt.close(fig)
 
@@ -194,13 +202,13 @@ def plot(runs: list[dict], out_dir: str) -> list[str]:
     ax.grid(alpha=0.3, axis="y")
   fig.suptitle("final (mean of the last 5 evaluations), mean +- std over seeds")
   fig.tight_layout()
-  p2 = os.path.join(out_dir, "corefed_digits_final.png")
+  p2 = os.path.join(out_dir, f"corefed_{dataset}_final.png")
   fig.savefig(p2, dpi=90)
   plt.close(fig)
   return [p1, p2]
 
 
-def table(runs, tp, skew, out_dir, rounds) -> str:
+def table(runs, tp, skew, out_dir, rounds, dataset: str = "digits") -> str:
   stats = final_stats(runs, 5)
   lines = [f"Final metrics (mean of the evaluations at the last 5 x {runs[0]['history'][1]['round'] - runs[0]['history'][0]['round']} rounds up to round {rounds}; "
            f"mean +- std over seeds {sorted({r['seed'] for r in runs})}).", "",
@@ -228,7 +236,7 @@ def table(runs, tp, skew, out_dir, rounds) -> str:
               f"ratio {tp['ratio']:.2f}x. The report quotes the dedicated --throughput-only "
               "runs (corefed_digits_throughput*.json)."]
   text = "\n".join(lines) + "\n"
-  with open(os.path.join(out_dir, "corefed_digits_table.md"), "w") as f:
+  with open(os.path.join(out_dir, f"corefed_{dataset}_table.md"), "w") as f:
     f.write(text)
   return text
 
@@ -255,6 +263,11 @@ def main():
   ap.add_argument("--seeds", default="0,1,2")
   ap.add_argument("--methods", default=",".join(METHODS))
   ap.add_argument("--out", default="docs/results")
+  ap.add_argument("--dataset", default="digits", choices=("digits", "mnist1d"),
+                  help="data of the report runs (outputs corefed_<dataset>_*); the throughput "
+                       "runs always use digits")
+  ap.add_argument("--alpha", type=float, default=None,
+                  help="Dirichlet alpha of the report runs (default: the config's, 0.5)")
   ap.add_argument("--throughput-only", action="store_true")
   ap.add_argument("--no-throughput", action="store_true")
   ap.add_argument("--repeats", type=int, default=5, help="throughput repeats")
@@ -291,22 +304,22 @@ def main():
     print(f"wrote {path}")
     return
   if args.report_only:
-    path = os.path.join(args.out, "corefed_digits_results.json")
+    path = os.path.join(args.out, f"corefed_{args.dataset}_results.json")
     if not os.path.exists(path):
       ap.error(f"--report-only: no results at {path}; run the driver without --report-only "
                f"first (or point --out at the folder that holds them, e.g. docs/results)")
     with open(path) as f:
       old = json.load(f)
-    plot(old["runs"], args.out)
+    plot(old["runs"], args.out, args.dataset)
     print(table(old["runs"], old.get("throughput"), old.get("participation_skew"), args.out,
-                old["runs"][0]["history"][-1]["round"]))
+                old["runs"][0]["history"][-1]["round"], args.dataset))
     return
   seeds = [int(s) for s in args.seeds.split(",")]
   runs = []
   for seed in seeds:
     for method in args.methods.split(","):
       t = time.time()
-      r = run_one(method, seed, args.rounds, args.eval_every)
+      r = run_one(method, seed, args.rounds, args.eval_every, args.dataset, args.alpha)
       last = r["history"][-1]
       print(f"{method:8s} seed {seed}: acc {last['test_accuracy']:.4f} d_cos "
             f"{last['d_cosine']:.4f} d_man {last['d_manhattan']:.1f} repr "
@@ -315,7 +328,7 @@ def main():
       runs.append(r)
   old_tp = None
   if args.merge:
-    with open(os.path.join(args.out, "corefed_digits_results.json")) as f:
+    with open(os.path.join(args.out, f"corefed_{args.dataset}_results.json")) as f:
       old = json.load(f)
     redo = {(m, s) for m in args.methods.split(",") for s in seeds}
     kept = [r for r in old["runs"] if (r["method"], r["seed"]) not in redo]
@@ -323,10 +336,10 @@ def main():
     old_tp = old.get("throughput")
   tp = old_tp if args.no_throughput else throughput(args.repeats)
   skew = participation_skew(args.rounds)
-  with open(os.path.join(args.out, "corefed_digits_results.json"), "w") as f:
+  with open(os.path.join(args.out, f"corefed_{args.dataset}_results.json"), "w") as f:
     json.dump({"runs": runs, "throughput": tp, "participation_skew": skew}, f)
-  plot(runs, args.out)
-  print(table(runs, tp, skew, args.out, args.rounds))
+  plot(runs, args.out, args.dataset)
+  print(table(runs, tp, skew, args.out, args.rounds, args.dataset))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,9 @@ Reproduces ``docs/results/ssd_digits.md`` (SSD: arXiv 2508.01251;
 
   python -m fedjax_sim.launch.experiments.ssd_digits --out=docs/results
 
+``--dataset=mnist1d`` runs the same grid on MNIST-1D (arXiv 2011.14439; views of
+1-D signals from ``fedjax_sim.augment.augment_signal``) into ``ssd_mnist1d_*``.
+
 Grid: methods {FedAlignUniform, FedSimCLR, SSD, SSD w/o PD, SSD w/o DSR} x
 settings {cross-silo (10 clients, all join), cross-device (100 clients, 10 per
 round)} x Dir(alpha) for alpha in {0.1, 0.5} x seeds {0, 1, 2}; configs from
@@ -69,10 +72,12 @@ METRICS = ("uniformity_global_enc", "uniformity_global_proj", "uniformity_local_
 
 
 def run_cell(setting: str, alpha: float, seeds: list[int], methods: list[str],
-             rounds: int | None) -> dict[str, Any]:
+             rounds: int | None, dataset: str = "digits") -> dict[str, Any]:
   """All methods and seeds of one (setting, alpha) cell; returns curves per method/seed."""
   cfg = get_config(setting)
   cfg.data.alpha = alpha
+  if dataset != "digits":  # e.g. mnist1d: the same methods and knobs on other data
+    cfg.data.dataset = dataset
   if rounds:
     cfg.rounds = rounds
     cfg.eval_every = cfg.rounds_per_call = min(cfg.eval_every, rounds)
@@ -203,7 +208,7 @@ def _paired(cells: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def plot(cells: list[dict], out_dir: str) -> list[str]:
+def plot(cells: list[dict], out_dir: str, dataset: str = "digits") -> list[str]:
   """One figure per metric: rows = settings, cols = alphas; mean +- std bands over seeds."""
   import matplotlib
   matplotlib.use("Agg")
@@ -239,9 +244,9 @@ def plot(cells: list[dict], out_dir: str) -> list[str]:
       ax.set_ylabel(label, fontsize=8)
       ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"digits: {label} (mean ± std over seeds)", fontsize=10)
+    fig.suptitle(f"{dataset}: {label} (mean ± std over seeds)", fontsize=10)
     fig.tight_layout()
-    path = os.path.join(out_dir, fname)
+    path = os.path.join(out_dir, fname.replace("digits", dataset))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     paths.append(path)
@@ -256,19 +261,22 @@ def main(argv=None):
   p.add_argument("--alphas", default="0.1,0.5")
   p.add_argument("--methods", default=",".join(METHODS))
   p.add_argument("--rounds", type=int, default=0, help="override the config's rounds (0 = keep)")
+  p.add_argument("--dataset", default="digits", choices=("digits", "mnist1d"),
+                 help="data of every cell (outputs ssd_<dataset>_*)")
   p.add_argument("--from_json", default="", help="only re-make the table and plots from "
                  "results JSONs (comma-separated, cells concatenated) of earlier runs")
   a = p.parse_args(argv)
   os.makedirs(a.out, exist_ok=True)
+  name = f"ssd_{a.dataset}"
   if a.from_json:
     cells = []
     for path in a.from_json.split(","):
       with open(path) as f:
         cells += json.load(f)["cells"]
     table = summarize(cells)
-    with open(os.path.join(a.out, "ssd_digits_table.md"), "w") as f:
+    with open(os.path.join(a.out, f"{name}_table.md"), "w") as f:
       f.write(table)
-    plot(cells, a.out)
+    plot(cells, a.out, a.dataset)
     print(table)
     return
   seeds = [int(x) for x in a.seeds.split(",")]
@@ -282,17 +290,17 @@ def main(argv=None):
   cells = []
   for st in a.settings.split(","):
     for al in a.alphas.split(","):
-      cells.append(run_cell(st, float(al), seeds, methods, a.rounds or None))
+      cells.append(run_cell(st, float(al), seeds, methods, a.rounds or None, a.dataset))
       res = {"command": command, "wall_s": time.time() - t0, "device": str(jax.devices()[0]),
              "cells": cells}
-      with open(os.path.join(a.out, "ssd_digits_results.json"), "w") as f:
+      with open(os.path.join(a.out, f"{name}_results.json"), "w") as f:
         json.dump(res, f)  # after every cell, so an interrupted grid keeps what it finished
   table = summarize(cells)
-  with open(os.path.join(a.out, "ssd_digits_table.md"), "w") as f:
+  with open(os.path.join(a.out, f"{name}_table.md"), "w") as f:
     f.write(table)
-  paths = plot(cells, a.out)
+  paths = plot(cells, a.out, a.dataset)
   print(table)
-  print(f"wrote {a.out}/ssd_digits_results.json, ssd_digits_table.md, " + ", ".join(
+  print(f"wrote {a.out}/{name}_results.json, {name}_table.md, " + ", ".join(
       os.path.basename(x) for x in paths) + f" in {time.time() - t0:.0f}s")
 
 
