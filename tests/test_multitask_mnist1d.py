@@ -67,6 +67,7 @@ def test_driver_configs_mnist1d_variants():
   assert (m.data.dataset, m.data.num_clients, m.data.partition, m.data.alpha) == (
       "mnist1d_multitask", 100, "dirichlet", 0.5)
   assert fedmuscle_digits.get_config("mnist1d,smoke").rounds == 2
+  assert fedmuscle_digits.get_config("mnist1d,dir01").data.alpha == 0.1
   r = fedre_digits.get_config("mnist1d")
   assert (r.data.dataset, r.data.num_clients, r.clients_per_round, r.data.partition,
           r.data.alpha) == ("mnist1d", 100, 20, "dirichlet", 0.5)

@@ -23,6 +23,8 @@ seconds-long variant (2 rounds, 1 seed). ``get_config("mnist1d")`` (combinable w
 non-public signals (each user keeps at most 40), architectures :data:`ARCHS_MNIST1D`::
 
   python -m fedjax_sim.launch.experiments.fedmuscle_digits --dataset=mnist1d --out=docs/results
+
+``dir01`` (combinable) partitions the users' data by Dir(0.1), the paper's non-IID setting.
 """
 import ml_collections
 
@@ -54,15 +56,18 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.seeds = (0, 1, 2)  # the report's seeds (driver only)
   c.methods = ("local", "muscle", "pairwise", "gram")  # the report's methods (driver only)
   opts = {a for a in arg.split(",") if a}
-  if opts - {"smoke", "mnist1d"}:
-    raise ValueError(f"unknown variant ':{arg}'; use smoke, mnist1d or mnist1d,smoke (or "
-                     "nothing).")
+  if opts - {"smoke", "mnist1d", "dir01"}:
+    raise ValueError(f"unknown variant ':{arg}'; use smoke, mnist1d, dir01 (comma-separated) or "
+                     "nothing.")
   if "mnist1d" in opts:
     c.archs = ARCHS_MNIST1D
     c.data.dataset = "mnist1d_multitask"
     c.data.num_clients = c.clients_per_round = 100
     c.data.partition = "dirichlet"
     c.data.alpha = 0.5
+  if "dir01" in opts:
+    c.data.partition = "dirichlet"
+    c.data.alpha = 0.1
   if "smoke" in opts:
     c.rounds = c.rounds_per_call = c.eval_every = 2
     c.seeds = (0,)
