@@ -30,7 +30,8 @@ from fedjax_sim.round import make_mesh
 from fedjax_sim.simulation import Experiment, simulate
 
 __all__ = ["DP_ALGORITHMS", "Experiment", "build_algorithm", "build_context", "build_experiment",
-           "complete_config", "privacy_spec", "train_and_evaluate", "validate_config"]
+           "complete_config", "dp_fields", "privacy_spec", "train_and_evaluate",
+           "validate_config"]
 
 # Algorithms whose upload is their model delta and whose server update averages the uploads:
 # the ones client-level DP (fedjax_sim.dp.private, --config.dp.enabled) wraps.
