@@ -33,10 +33,10 @@ import functools
 import math
 from typing import NamedTuple
 
-import dp_accounting
-from dp_accounting import pld, rdp
-
 from fedjax_sim.errors import ConfigError
+
+# dp_accounting is imported where it is used: it takes about a second to import (scipy), which
+# every command line and worker would pay through launch.experiment even without DP.
 
 ACCOUNTANTS = ("rdp", "pld")
 SAMPLINGS = ("poisson", "fixed")
@@ -96,19 +96,22 @@ def check(spec: PrivacySpec) -> None:
 
 
 def _relation(spec: PrivacySpec):
+  import dp_accounting
   rel = dp_accounting.NeighboringRelation
   return rel.ADD_OR_REMOVE_ONE if spec.sampling == "poisson" else rel.REPLACE_ONE
 
 
-def make_accountant(spec: PrivacySpec) -> dp_accounting.PrivacyAccountant:
+def make_accountant(spec: PrivacySpec):
   """A fresh ``dp_accounting`` accountant of ``spec``'s kind and neighbouring relation."""
+  from dp_accounting import pld, rdp
   if spec.accountant == "pld":
     return pld.PLDAccountant(_relation(spec))
   return rdp.RdpAccountant(neighboring_relation=_relation(spec))
 
 
-def round_event(spec: PrivacySpec) -> dp_accounting.DpEvent:
-  """One round's ``DpEvent`` (see the module docstring)."""
+def round_event(spec: PrivacySpec):
+  """One round's ``dp_accounting.DpEvent`` (see the module docstring)."""
+  import dp_accounting
   z = float(spec.noise_multiplier)
   if z == 0.0:
     return dp_accounting.NonPrivateDpEvent()
@@ -121,8 +124,9 @@ def round_event(spec: PrivacySpec) -> dp_accounting.DpEvent:
   return dp_accounting.PoissonSampledDpEvent(float(spec.rate), dp_accounting.GaussianDpEvent(z))
 
 
-def run_event(spec: PrivacySpec, rounds: int) -> dp_accounting.DpEvent:
-  """R rounds: ``SelfComposedDpEvent(round_event(spec), R)``."""
+def run_event(spec: PrivacySpec, rounds: int):
+  """R rounds: ``dp_accounting.SelfComposedDpEvent(round_event(spec), R)``."""
+  import dp_accounting
   return dp_accounting.SelfComposedDpEvent(round_event(spec), int(rounds))
 
 
@@ -187,6 +191,7 @@ def calibrate(spec: PrivacySpec, target_epsilon: float, rounds: int) -> float:
                        "(0 = use dp.noise_multiplier).")
   if rounds < 1:
     raise PrivacyError(f"rounds={rounds}: calibrating needs at least one round.")
+  import dp_accounting
   bracket = dp_accounting.LowerEndpointAndGuess(1e-3, 1.0)
   if spec.accountant == "pld":
     z_rdp = calibrate(spec._replace(accountant="rdp"), target_epsilon, rounds)
