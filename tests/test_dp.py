@@ -269,3 +269,25 @@ def test_poisson_sampler_rate_empty_slots_and_truncation():
   assert np.all(np.asarray(ids) >= 0) and int(state) == 1
   with pytest.raises(ValueError, match="stream"):
     make_round(_fedavg_on(3), smp, seed=0, schedule="stream")
+
+
+def test_dp_round_streams_as_it_chunks():
+  """The wrapper keeps the step form (LocalSpec, clipping in ``finish``), so a fixed-size DP
+  cohort runs under the streaming schedule (what ``schedule=auto`` picks for it): equal to the
+  chunked schedule on one device."""
+  from fedjax_sim.round import make_mesh
+  cfg = tiny_config()
+  cfg.data.num_clients, cfg.model_kwargs.hidden = 12, (16,)
+  cfg.dp.update(dict(enabled=True, noise_multiplier=1.0, clip_norm=0.3, adaptive=True,
+                     clipped_count_stddev=1.0))
+  exp, one = _experiment(cfg), make_mesh(1)
+  assert exp.algorithm.local is not None
+  out = []
+  for schedule in ("chunked", "stream"):
+    st = init_state(exp.algorithm, exp.sampler, 12, seed=0, mesh=one)
+    st, _ = make_round(exp.algorithm, exp.sampler, seed=0, mesh=one, schedule=schedule,
+                       slots=3)(st, exp.data.train)
+    out.append(st.server)
+  for x, y in zip(jax.tree.leaves(out[0]), jax.tree.leaves(out[1])):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+  assert float(out[1].clip_norm) != 0.3  # adaptive clipping ran
