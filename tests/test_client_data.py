@@ -88,11 +88,10 @@ def _runs(alg, sampler, data, mesh, **kw):
 
 
 @pytest.mark.parametrize("name,kw", [
-    ("fedavg", dict(chunk_size=CHUNK)),
     ("fedavg", dict(schedule="stream", slots=2)),
     ("fedprox", dict(reference=True)),
-    ("scaffold", dict(chunk_size=CHUNK)),
-    ("fedre", dict(chunk_size=CHUNK)),
+    ("scaffold", dict(chunk_size=CHUNK)),  # client state, chunked
+    ("fedre", dict(chunk_size=CHUNK)),  # model pools
 ])
 def test_flat_storage_equals_padded_storage(name, kw):
   exp = build_experiment(experiment_config(name))

@@ -3,7 +3,7 @@
 For fedavg, fedprox, fedadam, local and fedavg_pools (one queue per model pool) (the step-form
 algorithms, ``FederatedAlgorithm.local`` / ``Pool.local``)
 on the registry test's tiny experiment (12 digits clients, K = 5, MLP(16), B = 10, E = 1),
-3 rounds of ``make_round(..., schedule="stream", slots=W)`` for W in {1, 2, 5, 8} (W = 8 > K is
+3 rounds of ``make_round(..., schedule="stream", slots=W)`` for W in {1, 3, 8} (W = 8 > K is
 capped at K) equal the per-client reference loop (:mod:`fedjax_sim.reference`, fed the
 size-sorted order the stream queues) and the chunked schedule, to the registry test's
 tolerance (float32 rounding: vmapped vs single-client matmuls). Algorithms without a step-form
@@ -21,7 +21,7 @@ from fedjax_sim.reference import make_reference_round
 from fedjax_sim.round import init_state, make_round
 from fedjax_sim.launch.experiment import build_experiment
 
-SLOTS = (1, 2, 5, 8)
+SLOTS = (1, 3, 8)
 
 
 @pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedadam", "local", "fedavg_pools"])
