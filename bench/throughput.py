@@ -572,9 +572,13 @@ ANALYSIS = """## What this shows / what limits it
   client's last partial batch: its padding efficiency equals the reference
   loop's (the bound for any per-client schedule: about 0.73 on digits at B=10,
   0.91 on synthetic), so issue 16's 0.95 is out of reach on these workloads.
-  It wins where chunks pad most: heavy-tailed synthetic sizes at K=1000 (about
-  1.8x chunk=10 in the 2026-12-01 run) and digits at K=100 with W=20; at K=20
-  it ties with chunk=5 within the noise. Its working set is smaller (XLA MiB
+  On a quiet machine (2026-12-01 01:29, load 0.7) it is 1.16x chunk=5 on
+  digits at K=100 (W=10-20), level with chunk=10 on synthetic at K=1000
+  (1.05x; 1.8x in a run under load 10-16, where the chunked program suffered
+  more), and 0.90-0.92x chunk=5 at digits K=20 and synthetic K=100, where
+  chunks of similar clients already pad little. So the default schedule stays
+  chunked (the default run is K=20) and ``--config.schedule=stream`` or
+  ``auto`` is the choice for large cohorts. Its working set is smaller (XLA MiB
   column): FedAvg's server reads only the mean, so the stream keeps a running
   weighted sum instead of [K, params] uploads. A W-wide step is a batched
   matmul too, so on this CPU a client-step in a slot costs about as much as

@@ -83,9 +83,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Engine
   c.rounds_per_call = 10  # rounds fused with lax.scan per jitted call
   c.chunk_size = 5  # clients vmapped together (0 = whole cohort per device); 5 was fastest on CPU (bench/RESULTS.md)
-  # auto: the streaming schedule (continuous client batching, fedjax_sim/stream.py) for the
-  # algorithms it supports, else chunked; chosen by measurement (bench/RESULTS.md).
-  c.schedule = "auto"  # auto | chunked | stream
+  # chunked: size-sorted chunks (the fastest for this default run, K=20: bench/RESULTS.md);
+  # stream: continuous client batching (fedjax_sim/stream.py; faster at K=100 on digits);
+  # auto: stream for the algorithms it supports, else chunked.
+  c.schedule = "chunked"  # chunked | stream | auto
   c.slots = 0  # W, clients streamed side by side per device (0 = stream.default_slots: ceil(K/4) <= 20)
   c.num_devices = 0  # 0 = all visible devices
   c.eval_every = 10
