@@ -64,6 +64,13 @@ differ from both (``docs/decisions.md#fedkd``):
   update (the official protocol, where all clients join every round and apply
   it to their copy); our simulation keeps the global mentee on the server, so
   a client that missed rounds is not modelled as holding a stale copy.
+* Where the compression runs: client i's SVD_T(Delta_i) depends on Delta_i
+  alone, so the simulation applies it in the server update (the client update
+  returns Delta_i); the numbers are the protocol's, and the upload count is
+  that of the factors. The SVDs are NumPy's, through a host callback
+  (``_host_svd``): XLA:CPU's LAPACK SVD hung rounds (jax 0.10.2) inside the
+  vmapped client update when a pool's cohort is one chunk (``chunk_size=0``),
+  and in the server update on 8 devices.
 * W_h init: PyTorch's ``nn.Linear`` default U(-1/sqrt(D), 1/sqrt(D)), drawn per
   client (HtFLlib seeds every client alike).
 
@@ -95,11 +102,6 @@ class KDClientState(NamedTuple):
   W_h: jax.Array  # float32 [D, D]: hidden projection, H_s @ W_h is compared to H_t
 
 
-class KDUpload(NamedTuple):
-  delta: PyTree  # the mentee's update after SVD compression (reconstructed), mentee shapes
-  scalars: jax.Array  # float32 []: scalars sent for it (factors of compressed matrices)
-
-
 class KDState(NamedTuple):
   mentee: PyTree  # the global mentee's split model params
 
@@ -108,6 +110,25 @@ def energy_threshold(round_: jax.Array, rounds: int, T_start: float, T_end: floa
   """T(t) = T_start + (t + 1) / R (T_end - T_start), float32 [] (official ``run.py``)."""
   frac = (jnp.asarray(round_, jnp.float32) + 1.0) / rounds
   return T_start + jnp.minimum(frac, 1.0) * (T_end - T_start)
+
+
+def _host_svd(mat: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Thin SVD (U [m, k], sigma [k], V^T [k, n], k = min(m, n)) computed by NumPy on the host.
+
+  XLA:CPU's own SVD (a LAPACK custom call) hung rounds here (jax 0.10.2): inside the vmapped
+  client update when a pool's cohort is one vmapped chunk, and in the server update on 8
+  devices; a host callback, run one matrix at a time, did not.
+  """
+  k = min(mat.shape)
+  shapes = (jax.ShapeDtypeStruct((mat.shape[0], k), mat.dtype),
+            jax.ShapeDtypeStruct((k,), mat.dtype),
+            jax.ShapeDtypeStruct((k, mat.shape[1]), mat.dtype))
+
+  def svd(m):
+    u, s, vt = np.linalg.svd(np.asarray(m, np.float64), full_matrices=False)
+    return u.astype(m.dtype), s.astype(m.dtype), vt.astype(m.dtype)
+
+  return jax.pure_callback(svd, shapes, mat, vmap_method="sequential")
 
 
 def svd_compress(mat: jax.Array, energy: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -121,7 +142,7 @@ def svd_compress(mat: jax.Array, energy: jax.Array) -> tuple[jax.Array, jax.Arra
     (reconstruction U_r diag(sigma_r) V_r float32 [m, n], rank r int32 []): r is the
     smallest rank with sum_{j<=r} sigma_j^2 >= T sum_j sigma_j^2 (1 for a zero matrix).
   """
-  u, s, vt = jnp.linalg.svd(mat, full_matrices=False)
+  u, s, vt = _host_svd(mat)
   cum = jnp.cumsum(s * s)
   rank = jnp.minimum(1 + jnp.sum(cum < energy * cum[-1]), s.shape[0]).astype(jnp.int32)
   keep = (jnp.arange(s.shape[0]) < rank).astype(mat.dtype)
@@ -244,9 +265,8 @@ def fedkd(archs: Sequence[str], spec: Any, clients_per_round: int, *, rounds: in
     res = local_train(loss, params, optimizer(info.round), data, rng, epochs=epochs,
                       batch_size=batch_size, local_steps=local_steps)
     delta = jax.tree.map(lambda a, b: a - b, res.params["s"], mentee_params)
-    delta, sent = compress_tree(delta, energy_at(info.round))
-    return (KDUpload(delta, sent), KDClientState(res.params["t"], res.params["W_h"]),
-            res.metrics)
+    # Delta_i uncompressed: the server applies client i's compression (see server_update).
+    return delta, KDClientState(res.params["t"], res.params["W_h"]), res.metrics
 
   def init_client(model, rng):
     k_model, k_w = jax.random.split(rng)
@@ -263,15 +283,19 @@ def fedkd(archs: Sequence[str], spec: Any, clients_per_round: int, *, rounds: in
 
   def server_update(state, uploads, weights, infos, rng):
     del weights, rng  # the official mean is unweighted; nothing random
-    up, valid = rm_lib.concat_pools(uploads), valid_slots(infos)
+    deltas, valid = rm_lib.concat_pools(uploads), valid_slots(infos)
     vf = valid.astype(jnp.float32)
     k = jnp.sum(vf)
-    mean = jax.tree.map(lambda d: jnp.tensordot(vf, d, axes=1) / jnp.maximum(k, 1.0), up.delta)
     energy = energy_at(infos[0].round)
+    # Each client's compression SVD_T(Delta_i), a function of its own update only (see the
+    # module docstring for why it runs here).
+    compressed, up_sent = jax.vmap(compress_tree, in_axes=(0, None))(deltas, energy)
+    mean = jax.tree.map(lambda d: jnp.tensordot(vf, d, axes=1) / jnp.maximum(k, 1.0),
+                        compressed)
     agg, sent = compress_tree(mean, energy)
     mentee_params = jax.tree.map(lambda w, d: w + d, state.mentee, agg)
     return KDState(mentee_params), {
-        "energy": energy, "comm/upload_scalars": jnp.sum(up.scalars * vf),
+        "energy": energy, "comm/upload_scalars": jnp.sum(up_sent * vf),
         "comm/broadcast_scalars": k * sent}
 
   return FederatedAlgorithm(

@@ -135,12 +135,14 @@ def test_server_step_table_by_client_and_weighted_head():
                                                    jax.tree.leaves(state.generator)))
   hs = D * L + L
   assert float(metrics["comm/upload_scalars"]) == 4 * (hs + L)
-  # A later round where only client 0 reports keeps the others' counts.
-  again, _ = jax.jit(alg.server_update)(new, uploads, tuple(jnp.asarray(e * np.array(v), jnp.float32)
-                                                            for e, v in zip(ex, ([1, 0, 0], [0, 0]))),
-                                        tuple(i._replace(valid=jnp.asarray(v)) for i, v in
-                                              zip(infos, ([True, False, False], [False, False]))),
-                                        jax.random.PRNGKey(2))
+  # A later round where only client 0 reports (new counts): the others' counts stay.
+  later = tuple(u._replace(counts=u.counts + 1.0) for u in uploads)
+  only0 = ([True, False, False], [False, False])
+  again, _ = jax.jit(alg.server_update)(
+      new, later, tuple(jnp.asarray(e * np.array(v), jnp.float32) for e, v in zip(ex, only0)),
+      tuple(i._replace(valid=jnp.asarray(v)) for i, v in zip(infos, only0)),
+      jax.random.PRNGKey(2))
+  want_counts[0] = counts[0][0] + 1.0
   np.testing.assert_array_equal(again.counts, want_counts)
 
 

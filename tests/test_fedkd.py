@@ -103,7 +103,8 @@ def test_energy_schedule_is_the_official_linear_ramp():
 
 
 def test_server_step_equals_numpy():
-  """Mentee + SVD_T(unweighted mean of the real slots' compressed updates); padding ignored."""
+  """Mentee + SVD_T(unweighted mean over the real slots of SVD_T(Delta_i)); padding ignored;
+  the upload counts the factors of every real client's compressed update."""
   spec = DataSpec((8, 8, 1), L, 6)
   alg = kd.fedkd(("mlp_s", "mlp_m"), spec, 4, rounds=5, client_lr=0.1, batch_size=8, dim=D,
                  T_start=0.6, T_end=0.7)
@@ -114,23 +115,29 @@ def test_server_step_equals_numpy():
   deltas = [jax.tree.map(lambda s: jnp.asarray(rng.normal(size=(k, *s)), jnp.float32), shapes,
                          is_leaf=lambda x: isinstance(x, tuple)) for k in (3, 2)]
   valid = [np.array([True, True, False]), np.array([True, True])]
-  uploads = tuple(kd.KDUpload(d, jnp.full((len(v),), 7.0)) for d, v in zip(deltas, valid))
   infos = tuple(ServerInfo(jnp.int32(2), jnp.arange(len(v), dtype=jnp.int32),
                            jnp.full((len(v),), 10, jnp.int32), jnp.asarray(v)) for v in valid)
-  new, metrics = jax.jit(alg.server_update)(state, uploads, (jnp.ones(3), jnp.ones(2)), infos,
-                                            jax.random.PRNGKey(1))
+  new, metrics = jax.jit(alg.server_update)(state, tuple(deltas), (jnp.ones(3), jnp.ones(2)),
+                                            infos, jax.random.PRNGKey(1))
   energy = 0.6 + 3 / 5 * 0.1  # T(t = 2) of R = 5
   np.testing.assert_allclose(metrics["energy"], energy, rtol=1e-6)
-  assert float(metrics["comm/upload_scalars"]) == 4 * 7.0
   flat_new, _ = jax.tree_util.tree_flatten_with_path(new.mentee)
+  sent = 0
   for (path, got), old, d0, d1 in zip(flat_new, jax.tree.leaves(state.mentee),
                                       jax.tree.leaves(deltas[0]), jax.tree.leaves(deltas[1])):
-    mean = (np.asarray(d0)[:2].sum(0) + np.asarray(d1).sum(0)) / 4
-    if mean.ndim >= 2:
-      rec, _ = _np_compress(mean.reshape(-1, mean.shape[-1]), energy)
-      mean = rec.reshape(mean.shape)
+    real = list(np.asarray(d0)[:2]) + list(np.asarray(d1))  # the 4 real clients' updates
+    if old.ndim >= 2:
+      m, n = int(np.prod(old.shape[:-1])), old.shape[-1]
+      comp = [_np_compress(d.reshape(m, n), energy) for d in real]
+      sent += sum(r * (m + n + 1) for _, r in comp)
+      mean = np.mean([c.reshape(old.shape) for c, _ in comp], 0)
+      mean = _np_compress(mean.reshape(m, n), energy)[0].reshape(old.shape)
+    else:
+      sent += 4 * old.size
+      mean = np.mean(real, 0)
     np.testing.assert_allclose(got, np.asarray(old) + mean, atol=3e-5,
                                err_msg=jax.tree_util.keystr(path))
+  assert float(metrics["comm/upload_scalars"]) == sent
 
 
 def test_fedkd_trains_mentors_and_the_shared_mentee():
