@@ -36,6 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report_notes import write_keeping_notes  # noqa: E402
 from throughput import _peak_rss_mib, _reset_peak_rss, _rss_mib  # noqa: E402
 
 from fedjax_sim import models, sampling  # noqa: E402
@@ -44,7 +45,6 @@ from fedjax_sim.client_data import stored_bytes  # noqa: E402
 from fedjax_sim.round import init_state, make_mesh, make_round, replicate  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-NOTES = "## Notes (hand-written; kept when the script rewrites the measured part above)"
 
 
 def main(argv=None) -> int:
@@ -154,13 +154,7 @@ def main(argv=None) -> int:
   text = "\n".join(lines)
   print(text)
   if not args.quick:
-    notes = ""
-    if os.path.exists(args.out):
-      old = open(args.out).read()
-      if NOTES in old:
-        notes = "\n" + old[old.index(NOTES):]
-    with open(args.out, "w") as f:
-      f.write(text + notes)
+    write_keeping_notes(args.out, text)
   return 0
 
 

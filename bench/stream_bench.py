@@ -52,7 +52,8 @@ from fedjax_sim.protocol import (ClientInfo, LocalCarry, local_batch, local_metr
 from fedjax_sim.round import init_state, make_mesh, make_round, replicate  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-NOTES = "## Notes (hand-written; kept when the script rewrites the measured part above)"
+sys.path.insert(0, HERE)
+from report_notes import write_keeping_notes  # noqa: E402
 BATCH, EPOCHS, LR, SEED, NUM_CLIENTS = 10, 1, 0.1, 0, 100
 
 
@@ -334,13 +335,7 @@ def main(argv=None):
   text = report(rows, prof, cmd, load_before, uptime(), wall)
   print(text)
   if not args.quick:  # keeps the hand-written notes section of an existing report
-    notes = ""
-    if os.path.exists(args.out):
-      old = open(args.out).read()
-      if NOTES in old:
-        notes = "\n" + old[old.index(NOTES):]
-    with open(args.out, "w") as f:
-      f.write(text + notes)
+    write_keeping_notes(args.out, text)
 
 
 if __name__ == "__main__":
