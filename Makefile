@@ -17,7 +17,7 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/fedjax-sim run $(ARGS)
 
-# The whole test suite (about 11 minutes on 2 cores).
+# The whole test suite (about 14 minutes on 2 cores).
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -n 2 tests $(ARGS)
 

@@ -59,6 +59,7 @@ from fedjax_sim.client_data import batch_rows, gather_clients
 from fedjax_sim.protocol import (ClientInfo, FederatedAlgorithm, LocalCarry, LocalPlan,
                                  ServerInfo, is_mean_reader, local_batch, local_metrics,
                                  local_plan, local_step)
+from fedjax_sim import sampling
 from fedjax_sim.sampling import Sampler
 
 CLIENTS_AXIS = "clients"
@@ -140,7 +141,6 @@ def make_stream_phases(algorithm: FederatedAlgorithm, sampler: Optional[Sampler]
     return [make_stream_phase(algorithm.local, sampler, slots=slots, mesh=mesh,
                               sort_by_size=sort_by_size,
                               mean_only=is_mean_reader(algorithm.server_update))]
-  from fedjax_sim import sampling  # noqa: PLC0415 - the pool samplers
   return [make_stream_phase(p.local, sampling.uniform(len(p.client_ids), p.clients_per_round),
                             slots=slots, mesh=mesh, sort_by_size=sort_by_size,
                             client_ids=np.asarray(p.client_ids, np.int32))
