@@ -50,14 +50,10 @@ def aggregate_prototypes(protos: jax.Array, counts: jax.Array,
   return glob, total > 0
 
 
-def fedproto(archs: Sequence[str], spec: Any, clients_per_round: int, *, lam: float = 1.0,
-             dim: int = 32, rm: str = "avg", client_ids=None, **kw) -> FederatedAlgorithm:
-  """FedProto (see module docstring); ``lam`` = lambda; ``dim`` = D, the common
-  representation dim, ``rm`` the representation mapping (:mod:`~fedjax_sim.algorithms.rm`).
-  kw: client_lr, batch_size, epochs, local_steps, client_momentum, lr_decay."""
-  kw = dict(kw, dim=dim, rm=rm)
-  num_classes, tkw = spec.num_classes, split_kw(kw)
-
+def proto_client_update(lam, num_classes: int, tkw: dict):
+  """FedProto's client update for ONE client of a pool: CE + lam * mean ||RM(g(x)) - P^_y||^2 / D
+  over the classes the broadcast has prototypes for (``bcast.has``, ``bcast.protos`` [L, D]),
+  then the class prototypes [L, D] and counts [L] of the trained features (also FedTGP's)."""
   def client_update(model, bcast, params, data, rng, info):
     def reg(p, x, y, m):
       z = model.features(p, x)
@@ -68,6 +64,18 @@ def fedproto(archs: Sequence[str], spec: Any, clients_per_round: int, *, lam: fl
     z = rm_lib.all_features(model, res.params, data.x, tkw["batch_size"])
     protos, counts = rm_lib.class_prototypes(z, data.y, data.mask, num_classes)
     return ProtoUpload(protos, counts), res.params, res.metrics
+  return client_update
+
+
+def fedproto(archs: Sequence[str], spec: Any, clients_per_round: int, *, lam: float = 1.0,
+             dim: int = 32, rm: str = "avg", client_ids=None, **kw) -> FederatedAlgorithm:
+  """FedProto (see module docstring); ``lam`` = lambda; ``dim`` = D, the common
+  representation dim, ``rm`` the representation mapping (:mod:`~fedjax_sim.algorithms.rm`).
+  kw: client_lr, batch_size, epochs, local_steps, client_momentum, lr_decay."""
+  kw = dict(kw, dim=dim, rm=rm)
+  num_classes, tkw = spec.num_classes, split_kw(kw)
+
+  client_update = proto_client_update(lam, num_classes, tkw)
 
   pools, _ = rm_lib.split_pools(archs, spec, clients_per_round, client_update, dim=dim,
                                 rm=kw["rm"], global_head=False, client_ids=client_ids)

@@ -65,9 +65,8 @@ import jax.numpy as jnp
 from fedjax_sim.checks import concrete
 from fedjax_sim.protocol import FederatedAlgorithm
 from fedjax_sim.algorithms import rm as rm_lib
-from fedjax_sim.algorithms.fedproto import ProtoState, ProtoUpload
-from fedjax_sim.algorithms.head_training import (register_split_model, split_kw, train_ce,
-                                                 valid_slots)
+from fedjax_sim.algorithms.fedproto import ProtoState, proto_client_update
+from fedjax_sim.algorithms.head_training import register_split_model, split_kw, valid_slots
 
 INFERENCE = ("head", "prototype")
 
@@ -229,16 +228,7 @@ def fedtgp(archs: Sequence[str], spec: Any, clients_per_round: int, *, lam: floa
   kw = dict(kw, dim=dim, rm=rm)
   num_classes, tkw = spec.num_classes, split_kw(kw)
 
-  def client_update(model, bcast, params, data, rng, info):
-    def reg(p, x, y, m):
-      z = model.features(p, x)
-      use = (m & bcast.has[y]).astype(jnp.float32)
-      d2 = jnp.mean((z - bcast.protos[y]) ** 2, axis=-1)
-      return lam * jnp.sum(d2 * use) / jnp.maximum(jnp.sum(m), 1)
-    res = train_ce(model, params, data, rng, info, tkw, reg)
-    z = rm_lib.all_features(model, res.params, data.x, tkw["batch_size"])
-    protos, counts = rm_lib.class_prototypes(z, data.y, data.mask, num_classes)
-    return ProtoUpload(protos, counts), res.params, res.metrics
+  client_update = proto_client_update(lam, num_classes, tkw)  # FedProto's clients
 
   pools, mods = rm_lib.split_pools(archs, spec, clients_per_round, client_update, dim=dim, rm=rm,
                                    global_head=False, client_ids=client_ids)
