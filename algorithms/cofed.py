@@ -21,7 +21,7 @@ where we relabel one public batch per round, the same public stream every
 FedMuscle method sees.
 
 Per round t, user u (all users join every round; the skeleton is
-:func:`fedjax_sim.algorithms.fedhenn.public_set_method`):
+:func:`fedjax_sim.algorithms.public_set.public_set_method`):
 
 1. fine-tunes its whole model on its task, each local step's loss
    CE(private batch) + lambda * CE(X_t, yhat_u) over the public examples of
@@ -62,7 +62,7 @@ import numpy as np
 from fedjax_sim.checks import concrete
 from fedjax_sim.protocol import FederatedAlgorithm, masked_cross_entropy
 from fedjax_sim.algorithms import fedmuscle as fm
-from fedjax_sim.algorithms.fedhenn import PublicTerm, multitask_aux, public_set_method
+from fedjax_sim.algorithms.public_set import PublicTerm, multitask_aux, public_set_method
 from fedjax_sim.algorithms.registry import register
 
 __all__ = ["LABEL_RULES", "cofed_cotrain", "pseudo_labels", "vote_table"]
@@ -191,7 +191,7 @@ def cofed_cotrain(archs: Sequence[str], tasks: np.ndarray, public_x: jax.Array, 
       report ``delta_pct``.
 
   Returns:
-    A FederatedAlgorithm (:func:`~fedjax_sim.algorithms.fedhenn.public_set_method`),
+    A FederatedAlgorithm (:func:`~fedjax_sim.algorithms.public_set.public_set_method`),
     server term: pseudo labels int32 [C, B].
 
   Raises:

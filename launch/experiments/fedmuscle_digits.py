@@ -31,6 +31,13 @@ seeds: the sample standard deviation, ddof = 1; and mean accuracy per task).
 ``--dataset=mnist1d`` runs the config's ``mnist1d`` variant (100 users, Dir(0.5),
 MNIST-1D architectures; ``docs/results/fedmuscle_mnist1d.md``) into
 ``fedmuscle_mnist1d_results.json`` and ``fedmuscle_mnist1d_table.md``.
+
+``--sweep-m=1,2,3,4`` runs local training, FedMuscle and pairwise InfoNCE once
+per M (the number of other users' matrices per anchor; one program per M) into
+``fedmuscle_<dataset>[_<config>]_msweep_results.json`` and ``..._msweep_table.md``:
+Delta(%) against the same M's local runs, and the scalars a user receives per
+round (ours: the M matrices, M B d; a server that builds the paper's B^M
+tuple set S: B^M d).
 """
 from __future__ import annotations
 
@@ -163,6 +170,38 @@ def table(res: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def sweep_m(cfg, ms, log=print) -> dict:
+  """:func:`run` of local, muscle and pairwise once per M in ``ms``; results by M."""
+  out = {}
+  for m in ms:
+    c = ml_collections.ConfigDict(cfg.to_dict())
+    c.fedmuscle = ml_collections.ConfigDict({**dict(cfg.get("fedmuscle") or {}), "M": m})
+    c.methods = ("local", "muscle", "pairwise")
+    t0 = time.time()
+    out[str(m)] = run(c, log=lambda line, m=m: log(f"M={m} {line}"))
+    out[str(m)]["wall_s"] = time.time() - t0
+  return out
+
+
+def sweep_table(res: dict) -> str:
+  """Markdown: per M, Delta(%) of muscle and pairwise vs that M's local runs, and downlink size."""
+  lines = ["| M (N = M + 1) | method | Delta(%) mean +- std over seeds | per-seed Delta(%) | "
+           "mean acc | received per user per round, ours (M B d) | the paper's S (B^M d) | "
+           "wall s (3 methods, all seeds) |", "|---" * 8 + "|"]
+  for m, r in res.items():
+    cfg = r["config"]
+    b, d = cfg["fedmuscle"]["public_batch"], cfg["fedmuscle"]["proj_dim"]
+    final = {k: np.array(v["curve"][-1]["acc"]) for k, v in r["runs"].items()}
+    for meth in ("muscle", "pairwise"):
+      deltas = [fm.delta_percent(final[f"{meth}/{s}"], final[f"local/{s}"])
+                for s in cfg["seeds"]]
+      acc = np.mean([final[f"{meth}/{s}"] for s in cfg["seeds"]])
+      lines.append(f"| {m} | {meth} | {np.mean(deltas):+.2f} +- {sample_std(deltas):.2f} | "
+                   + ", ".join(f"{x:+.2f}" for x in deltas) + f" | {acc:.4f} | "
+                   f"{int(m) * b * d:,} | {b ** int(m) * d:,} | {r['wall_s']:.0f} |")
+  return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--out", default="docs/results")
@@ -171,6 +210,8 @@ def main(argv=None):
   ap.add_argument("--rounds", type=int, default=0, help="override cfg.rounds")
   ap.add_argument("--methods", default="", help="override cfg.methods (comma list; also "
                   + ", ".join(BASELINES) + ")")
+  ap.add_argument("--sweep-m", default="", help="comma list of M: run local, muscle and "
+                  "pairwise once per M (writes ..._msweep_*)")
   args = ap.parse_args(argv)
   cfg = get_config(",".join(a for a in ("" if args.dataset == "digits" else args.dataset,
                                          args.config) if a))
@@ -180,10 +221,25 @@ def main(argv=None):
     cfg.methods = tuple(args.methods.split(","))
   os.makedirs(args.out, exist_ok=True)
   t0 = time.time()
+  suffix = f"_{args.config}" if args.config else ""
+  if args.sweep_m:
+    ms = [int(m) for m in args.sweep_m.split(",")]
+    if min(ms) < 1:
+      raise ValueError(f"--sweep-m={args.sweep_m}: M counts other users, so M >= 1.")
+    res = {"by_m": sweep_m(cfg, ms), "total_wall_s": time.time() - t0,
+           "devices": str(jax.devices())}
+    stem = os.path.join(args.out, f"fedmuscle_{args.dataset}{suffix}_msweep")
+    with open(stem + "_results.json", "w") as f:
+      json.dump(res, f)
+    md = sweep_table(res["by_m"])
+    with open(stem + "_table.md", "w") as f:
+      f.write(md)
+    print(md)
+    print(f"total {res['total_wall_s']:.0f} s")
+    return
   res = run(cfg)
   res["total_wall_s"] = time.time() - t0
   res["devices"] = str(jax.devices())
-  suffix = f"_{args.config}" if args.config else ""
   with open(os.path.join(args.out, f"fedmuscle_{args.dataset}{suffix}_results.json"), "w") as f:
     json.dump(res, f)
   md = table(res)

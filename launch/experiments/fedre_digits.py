@@ -23,6 +23,18 @@ Writes ``<out>/fedre_digits_results.json``, ``fedre_digits_*.png`` and
 ``fedre_digits_tables.md``. ``--dataset mnist1d`` runs the config's ``mnist1d``
 variant (100 clients, 20 per round, partition ``dir05`` = Dir(0.5), 1-D
 architectures) and writes ``fedre_mnist1d_*`` (``docs/results/fedre_mnist1d.md``).
+
+A method may carry knob overrides, ``name@knob=value[@knob=value...]`` (values
+parsed as the knob's default's type), so one call runs an ablation grid::
+
+  python launch/experiments/fedre_digits.py --dataset mnist1d --name fedre_mnist1d_ablation \
+      --methods fedre,fedre@variant=RSR,fedre@weights=gaussian,fedre@resample=false ...
+
+``--config c100k10`` adds the config's variant options (comma list) and the
+suffix to the output names; ``--name`` replaces the output prefix;
+``--merge`` keeps the runs of the other methods already in the results JSON
+(same seeds, partitions and rounds; refused otherwise) and rewrites the tables
+and plots over all of them.
 """
 from __future__ import annotations
 
@@ -52,6 +64,36 @@ LABELS = {"fedre": "FedRE (RAP)", "fedproto": "FedProto", "fedgh": "FedGH",
           "fedtgp": "FedTGP", "fedmrl": "FedMRL", "fedkd": "FedKD", "fedgen": "FedGen"}
 
 
+def parse_method(spec: str):
+  """``'fedre@variant=RSR@resample=false'`` -> ``('fedre', {'variant': 'RSR', 'resample': 'false'})``."""
+  name, *pairs = spec.split("@")
+  knobs = {}
+  for p in pairs:
+    if "=" not in p:
+      raise ValueError(f"method '{spec}': '{p}' is not knob=value; write e.g. fedre@variant=RSR.")
+    k, v = p.split("=", 1)
+    knobs[k] = v
+  return name, knobs
+
+
+def label(spec: str) -> str:
+  """Table label of a method spec: ``FedRE (RAP) [variant=RSR]``."""
+  name, knobs = parse_method(spec)
+  base = LABELS.get(name, name)
+  if name == "fedre" and "variant" in knobs:  # FedRE (RAP) -> FedRE (RSR)
+    base = f"FedRE ({knobs.pop('variant')})"
+  return base + (" [" + ", ".join(f"{k}={v}" for k, v in knobs.items()) + "]" if knobs else "")
+
+
+def _typed(default, value: str, where: str):
+  """``value`` (a string) as the type of the knob's ``default``."""
+  if isinstance(default, bool):
+    if value.lower() not in ("true", "false", "1", "0"):
+      raise ValueError(f"{where}: '{value}' is not a boolean; write true or false.")
+    return value.lower() in ("true", "1")
+  return type(default)(value) if default is not None else value
+
+
 def load_all(partitions, seeds, arg_extra=""):
   """Builds every (partition, seed) dataset, padded to common train/test N."""
   out = {}
@@ -72,7 +114,13 @@ def run_method(method, datasets, rounds, eval_every, mesh, keep_states=(), archs
                arg_extra=""):
   """Trains ``method`` on every dataset with ONE compiled round; returns histories."""
   cfg = fedre_digits.get_config(arg_extra)
-  cfg.algorithm = method
+  cfg.algorithm, knobs = parse_method(method)
+  experiment.complete_config(cfg)  # cfg.<algorithm>: every knob, at its default
+  for k, v in knobs.items():
+    if k not in cfg[cfg.algorithm]:
+      raise ValueError(f"method '{method}': {cfg.algorithm} has no knob '{k}'; its knobs are "
+                       f"{sorted(cfg[cfg.algorithm])}.")
+    cfg[cfg.algorithm][k] = _typed(cfg[cfg.algorithm][k], v, f"method '{method}'")
   cfg.rounds = rounds  # schedules over the run's rounds (FedKD's energy threshold T(t))
   if archs:
     cfg.archs = tuple(archs)
@@ -181,7 +229,7 @@ def write_tables(table, shapes, inv, path, methods, partitions):
       t = table[(m, p)]
       cells += [f"{100 * np.mean(t['final']):.2f} ± {100 * sample_std(t['final']):.2f}",
                 f"{100 * np.mean(t['best']):.2f} ± {100 * sample_std(t['best']):.2f}"]
-    lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
+    lines.append(f"| {label(m)} | " + " | ".join(cells) + " |")
   p0, p1 = partitions[0].upper(), partitions[-1].upper()
   lines += ["", f"| method | upload / round ({p0}, actual) | upload / round ({p1}, actual) | "
             f"upload / round (dense shapes) | broadcast / round (actual, {p0}) | "
@@ -191,7 +239,7 @@ def write_tables(table, shapes, inv, path, methods, partitions):
   for m in methods:
     up = [np.mean(table[(m, p)]["upload"]) for p in partitions]
     rel = f"{100 * up[0] / ref:.1f}%" if ref else "-"
-    lines.append(f"| {LABELS[m]} | {up[0]:.0f} | {up[-1]:.0f} | "
+    lines.append(f"| {label(m)} | {up[0]:.0f} | {up[-1]:.0f} | "
                  f"{shapes[m]['upload_scalars']} | "
                  f"{np.mean(table[(m, partitions[0])]['broadcast']):.0f} | {rel} |")
   for key, res in inv.items():
@@ -209,7 +257,9 @@ def write_tables(table, shapes, inv, path, methods, partitions):
   return "\n".join(lines)
 
 
-def plot(runs, table, shapes, inv, out, methods, partitions, dataset="digits", clients=10):
+def plot(runs, table, shapes, inv, out, methods, partitions, dataset="digits", clients=10,
+         name=None):
+  name = name or f"fedre_{dataset}"
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -219,14 +269,14 @@ def plot(runs, table, shapes, inv, out, methods, partitions, dataset="digits", c
       hs = [r["history"] for r in runs if r["method"] == m and r["partition"] == p]
       rounds = [x["round"] for x in hs[0]]
       acc = np.array([[x["test_accuracy"] for x in h] for h in hs])
-      ax.plot(rounds, acc.mean(0), label=LABELS[m])
+      ax.plot(rounds, acc.mean(0), label=label(m))
       ax.fill_between(rounds, acc.min(0), acc.max(0), alpha=0.15)
     ax.set(xlabel="round", ylabel="test accuracy (clients' own splits)",
            title=f"{dataset}, {p.upper()}, {clients} clients, {len(hs)} seeds (band = min..max)")
     ax.grid(alpha=0.3)
     ax.legend()
   fig.tight_layout()
-  fig.savefig(os.path.join(out, f"fedre_{dataset}_accuracy.png"), dpi=100)
+  fig.savefig(os.path.join(out, f"{name}_accuracy.png"), dpi=100)
   plt.close(fig)
 
   fig, ax = plt.subplots(figsize=(7, 4))
@@ -237,13 +287,14 @@ def plot(runs, table, shapes, inv, out, methods, partitions, dataset="digits", c
   ax.bar(xs - 0.2, up, 0.4, label="actual (PRA, mean over rounds and seeds)")
   ax.bar(xs + 0.2, dense, 0.4, label="dense array shapes (comm.round_comm)")
   ax.set_yscale("log")
-  ax.set_xticks(xs, [LABELS[m] for m in ms])
+  ax.set_xticks(xs, [label(m) for m in ms], rotation=30 if len(ms) > 8 else 0, ha="right"
+                if len(ms) > 8 else "center", fontsize=8 if len(ms) > 8 else 10)
   ax.set(ylabel=f"scalars uploaded per round ({clients} clients)" if dataset == "digits" else
          "scalars uploaded per round (one cohort)", title="upload per round (Local: 0)")
   ax.legend()
   ax.grid(alpha=0.3, axis="y")
   fig.tight_layout()
-  fig.savefig(os.path.join(out, f"fedre_{dataset}_comm.png"), dpi=100)
+  fig.savefig(os.path.join(out, f"{name}_comm.png"), dpi=100)
   plt.close(fig)
 
   if inv:
@@ -260,7 +311,7 @@ def plot(runs, table, shapes, inv, out, methods, partitions, dataset="digits", c
       ax.legend()
       ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    fig.savefig(os.path.join(out, f"fedre_{dataset}_inversion.png"), dpi=100)
+    fig.savefig(os.path.join(out, f"{name}_inversion.png"), dpi=100)
     plt.close(fig)
 
 
@@ -272,7 +323,14 @@ def main():
   ap.add_argument("--seeds", default="0,1,2")
   ap.add_argument("--dataset", default="digits", choices=("digits", "mnist1d"))
   ap.add_argument("--partitions", default="", help="default: pra,pat (digits), dir05 (mnist1d)")
-  ap.add_argument("--methods", default=",".join(METHODS))
+  ap.add_argument("--methods", default=",".join(METHODS),
+                  help="comma list of registry names, each optionally with knob overrides "
+                       "name@knob=value[@knob=value]")
+  ap.add_argument("--config", default="", help="extra get_config options, e.g. c100k10 (also "
+                  "appended to the output names)")
+  ap.add_argument("--name", default="", help="output prefix (default fedre_<dataset>[_<config>])")
+  ap.add_argument("--merge", action="store_true", help="keep the other methods' runs already in "
+                  "<out>/<name>_results.json and write the tables over all of them")
   ap.add_argument("--decoder-steps", type=int, default=1500)
   ap.add_argument("--archs", default="", help="comma-separated MODEL_ZOO names (default: the "
                   "config's 5)")
@@ -280,9 +338,26 @@ def main():
   seeds = [int(s) for s in args.seeds.split(",")]
   args.partitions = args.partitions or ("pra,pat" if args.dataset == "digits" else "dir05")
   partitions = args.partitions.split(",")
-  extra = "" if args.dataset == "digits" else args.dataset  # the config's variant
+  extra = ",".join(a for a in ("" if args.dataset == "digits" else args.dataset, args.config)
+                   if a)  # the config's variant options
+  name = args.name or "_".join(a for a in ("fedre", args.dataset, args.config.replace(",", "_"))
+                               if a)
   methods = args.methods.split(",")
+  for m in methods:
+    parse_method(m)  # a malformed spec fails before any data is built
   os.makedirs(args.out, exist_ok=True)
+  results_path = os.path.join(args.out, f"{name}_results.json")
+  old = {"runs": [], "comm_shapes": {}, "methods": []}
+  if args.merge and os.path.exists(results_path):
+    with open(results_path) as f:
+      old = json.load(f)
+    for k in ("rounds", "eval_every", "seeds", "partitions", "dataset", "config", "archs"):
+      if str(old["args"].get(k, "")) != str(vars(args)[k]):
+        raise ValueError(f"--merge: {results_path} was made with --{k.replace('_', '-')}="
+                         f"{old['args'].get(k)!r}, this call has {vars(args)[k]!r}; use the same "
+                         "value or another --name.")
+    old["methods"] = old.get("methods") or old["args"]["methods"].split(",")
+    old["runs"] = [r for r in old["runs"] if r["method"] not in methods]
   mesh = make_mesh()
   datasets = load_all(partitions, seeds, extra)
   inv_keys = [(p, seeds[0]) for p in partitions]
@@ -294,6 +369,8 @@ def main():
                                      keep_states=inv_keys,
                                      archs=args.archs.split(",") if args.archs else None,
                                      arg_extra=extra)
+    for r in runs:
+      r["total_s"] = time.perf_counter() - tm  # the method's time, compilation included
     states[m] = st
     all_runs += runs
     print(f"{m}: {time.perf_counter() - tm:.0f}s", flush=True)
@@ -303,15 +380,19 @@ def main():
       inv[f"{key[0].upper()} seed {key[1]}"] = inversion_eval(states, datasets, key,
                                                              args.decoder_steps)
   total = time.perf_counter() - t0
+  all_methods = [m for m in old["methods"] if m not in methods] + methods
+  all_runs = old["runs"] + all_runs
+  shapes = {**{k: v for k, v in old["comm_shapes"].items() if k not in methods}, **shapes}
   table = summarize_runs(all_runs)
-  md = write_tables(table, shapes, inv, os.path.join(args.out, f"fedre_{args.dataset}_tables.md"),
-                    methods, partitions)
+  md = write_tables(table, shapes, inv, os.path.join(args.out, f"{name}_tables.md"),
+                    all_methods, partitions)
   print(md)
-  plot(all_runs, table, shapes, inv, args.out, methods, partitions, args.dataset,
-       next(iter(datasets.values())).num_clients)
-  with open(os.path.join(args.out, f"fedre_{args.dataset}_results.json"), "w") as f:
-    json.dump({"args": vars(args), "total_s": total, "runs": all_runs,
-               "comm_shapes": shapes, "inversion": inv}, f)
+  plot(all_runs, table, shapes, inv, args.out, all_methods, partitions, args.dataset,
+       next(iter(datasets.values())).num_clients, name=name)
+  with open(results_path, "w") as f:
+    json.dump({"args": vars(args), "methods": all_methods, "total_s": total,
+               "total_s_before_merge": old.get("total_s"), "runs": all_runs,
+               "comm_shapes": shapes, "inversion": inv or old.get("inversion", {})}, f)
   print(f"total {total:.0f}s")
 
 
