@@ -78,3 +78,18 @@ def test_driver_configs_mnist1d_variants():
   assert fedre_digits.get_config().data.dataset == "digits"
   with pytest.raises(ValueError, match="mnist1d"):
     fedmuscle_digits.get_config("cifar")
+
+
+def test_fedre_driver_method_specs_carry_typed_knob_overrides():
+  """``fedre@variant=RSR@resample=false`` names one ablation run; bad specs fail with the fix."""
+  from fedjax_sim.launch.experiments import fedre_digits as driver
+  assert driver.parse_method("fedre@variant=RSR@resample=false") == (
+      "fedre", {"variant": "RSR", "resample": "false"})
+  assert driver.parse_method("fedproto") == ("fedproto", {})
+  assert driver.label("fedre@variant=VAP") == "FedRE (VAP)"
+  assert driver.label("fedre@rm=max") == "FedRE (RAP) [rm=max]"
+  assert driver._typed(True, "false", "x") is False and driver._typed(32, "16", "x") == 16
+  with pytest.raises(ValueError, match="knob=value"):
+    driver.parse_method("fedre@RSR")
+  with pytest.raises(ValueError, match="true or false"):
+    driver._typed(True, "no", "x")
