@@ -433,7 +433,7 @@ def _natural(reader, what: str, knobs: dict) -> FederatedData:
   return natural_federated(train, test, num_classes, kind, f"{what}:{path}", **knobs)
 
 
-@register_dataset("leaf:<path>")
+@register_dataset("leaf:<path>", defines_clients=True)
 def load_leaf(path: str, min_client_size: int = 1, max_client_size: int = 0,
               max_clients: int = 0, client_test_fraction: float = 0.2,
               sequence_length: int = 80, storage: str = "padded", seed: int = 0,
@@ -443,7 +443,7 @@ def load_leaf(path: str, min_client_size: int = 1, max_client_size: int = 0,
   return _natural(read_leaf, "leaf", dict(locals()))
 
 
-@register_dataset("sqlite:<path>")
+@register_dataset("sqlite:<path>", defines_clients=True)
 def load_sqlite(path: str, min_client_size: int = 1, max_client_size: int = 0,
                 max_clients: int = 0, client_test_fraction: float = 0.2,
                 sequence_length: int = 80, storage: str = "padded", seed: int = 0,
@@ -453,7 +453,7 @@ def load_sqlite(path: str, min_client_size: int = 1, max_client_size: int = 0,
   return _natural(read_sqlite, "sqlite", dict(locals()))
 
 
-@register_dataset("parquet:<path>")
+@register_dataset("parquet:<path>", defines_clients=True)
 def load_parquet(path: str, min_client_size: int = 1, max_client_size: int = 0,
                  max_clients: int = 0, client_test_fraction: float = 0.2,
                  sequence_length: int = 80, client_column: str = "", storage: str = "padded",

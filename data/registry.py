@@ -35,7 +35,7 @@ import inspect
 from typing import Any, Callable, Iterable, Mapping
 
 __all__ = ["DATASETS", "PARTITIONERS", "DatasetError", "PartitionError", "bind", "get_dataset",
-           "get_partitioner", "knobs_of", "register_dataset", "register_partitioner"]
+           "defines_clients", "get_partitioner", "knobs_of", "register_dataset", "register_partitioner"]
 
 
 class DatasetError(ValueError):
@@ -65,11 +65,17 @@ def _same_definition(a: Callable, b: Callable) -> bool:
   return where(a) == where(b) and where(a)[1] is not None
 
 
-def register_dataset(name: str):
+def register_dataset(name: str, *, defines_clients: bool = False):
   """Decorator: registers ``fn(**knobs) -> Dataset | FederatedData`` as dataset ``name``.
 
   Running the registering source again (the same file, line and function name)
   replaces the entry.
+
+  Args:
+    name: the ``cfg.data.dataset`` value (``<prefix>:<path>`` for a family of files).
+    defines_clients: the data bring their own clients (natural partitions), so
+      ``cfg.data.num_clients`` is not read and the cohort is checked against the
+      loaded clients instead (``fn.defines_clients``).
 
   Raises:
     ValueError: ``name`` is already registered by another function.
@@ -78,6 +84,7 @@ def register_dataset(name: str):
     key = name.lower()
     if key in DATASETS and not _same_definition(DATASETS[key], fn):
       raise ValueError(f"dataset '{name}' is registered twice.")
+    fn.defines_clients = defines_clients
     DATASETS[key] = fn
     return fn
   return wrap
@@ -152,6 +159,16 @@ def get_dataset(name: str) -> Callable:
                        f"{_names(DATASETS)} (digits is embedded; tfds:* read a prepared "
                        "--config.data.data_dir).")
   return DATASETS[key]
+
+
+def defines_clients(name: str) -> bool:
+  """Whether dataset ``name`` brings its own clients (``register_dataset(defines_clients=True)``).
+
+  Raises:
+    DatasetError: unknown name.
+  """
+  fn = get_dataset(name)
+  return bool(getattr(getattr(fn, "func", fn), "defines_clients", False))
 
 
 def knobs_of(fn: Callable, skip: int = 0) -> dict[str, Any]:

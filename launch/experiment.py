@@ -25,6 +25,7 @@ from fedjax_sim import dp, models, privacy, sampling
 from fedjax_sim.algorithms import registry
 from fedjax_sim.algorithms.registry import ALGORITHMS, BuildContext, DataSpec
 from fedjax_sim.data import build_federated_data
+from fedjax_sim.data import registry as data_registry
 from fedjax_sim.errors import ConfigError
 from fedjax_sim.round import make_mesh
 from fedjax_sim.simulation import Experiment, simulate
@@ -68,6 +69,14 @@ def complete_config(cfg) -> None:
       for k, v in registry.knob_defaults(name).items():
         if k not in sub:
           sub[k] = _config_value(v)
+
+
+def _defines_clients(dataset: str) -> bool:
+  """Whether ``dataset`` brings its own clients; an unknown name is reported when it is loaded."""
+  try:
+    return data_registry.defines_clients(dataset)
+  except ValueError:
+    return False
 
 
 def validate_config(cfg) -> None:
@@ -116,10 +125,14 @@ def validate_config(cfg) -> None:
        f"client_lr={cfg.client_lr} must be a finite number > 0; set --config.client_lr.")
   need(cfg.server_lr > 0, f"server_lr={cfg.server_lr} must be > 0; set --config.server_lr.")
   need(cfg.data.num_clients >= 1, f"data.num_clients={cfg.data.num_clients} must be >= 1.")
-  need(1 <= cfg.clients_per_round <= cfg.data.num_clients,
-       f"clients_per_round={cfg.clients_per_round} must be in [1, data.num_clients="
-       f"{cfg.data.num_clients}]; lower --config.clients_per_round or raise "
-       "--config.data.num_clients.")
+  need(cfg.clients_per_round >= 1,
+       f"clients_per_round={cfg.clients_per_round} must be >= 1; set --config.clients_per_round.")
+  # Natural partitions bring their own clients: the sampler checks K against them when built.
+  if not _defines_clients(cfg.data.dataset):
+    need(cfg.clients_per_round <= cfg.data.num_clients,
+         f"clients_per_round={cfg.clients_per_round} must be in [1, data.num_clients="
+         f"{cfg.data.num_clients}]; lower --config.clients_per_round or raise "
+         "--config.data.num_clients.")
   need(cfg.eval_every >= 1, f"eval_every={cfg.eval_every} must be >= 1.")
   need(cfg.checkpoint_every >= 1, f"checkpoint_every={cfg.checkpoint_every} must be >= 1.")
   need(cfg.max_checkpoints >= 1, f"max_checkpoints={cfg.max_checkpoints} must be >= 1 (how many "

@@ -267,3 +267,20 @@ def test_unsupported_layouts_say_what_is_supported(tmp_path):
                        {"u": {"tokens": np.array([b"a b"], dtype=object)}})
   with pytest.raises(DatasetError, match="snippets"):
     _load(f"sqlite:{tmp_path / 'so_train.sqlite'}")
+
+
+def test_config_check_leaves_the_cohort_of_natural_clients_to_the_loaded_data():
+  """``data.num_clients`` bounds K only where a partitioner makes that many clients."""
+  from fedjax_sim.errors import ConfigError
+  from fedjax_sim.launch.configs.base import get_base_config
+  from fedjax_sim.launch.experiment import validate_config
+  cfg = get_base_config()
+  cfg.clients_per_round = cfg.data.num_clients + 1
+  with pytest.raises(ConfigError, match="data.num_clients"):
+    validate_config(cfg)  # digits: the partitioner makes data.num_clients clients
+  for name in ("leaf:/data/femnist", "sqlite:/data/emnist.sqlite", "parquet:/data/x"):
+    cfg.data.dataset = name
+    validate_config(cfg)  # natural clients: data.num_clients is not read
+  cfg.clients_per_round = 0
+  with pytest.raises(ConfigError, match="clients_per_round=0"):
+    validate_config(cfg)
