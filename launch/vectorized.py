@@ -38,6 +38,7 @@ import math
 import os
 import shutil
 import time
+import types
 from typing import Any, Sequence
 
 import jax
@@ -167,13 +168,14 @@ def run_group(cfgs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str]
   values = {k: [get_key(c, k) for c in cfgs] for k in keys}
   hp = {k: jnp.asarray(v, jnp.int32 if k == "seed" else jnp.float32) for k, v in values.items()}
   from fedjax_sim.algorithms.registry import DataSpec
-  from fedjax_sim.launch.experiment import build_algorithm, complete_config
+  from fedjax_sim.launch.experiment import build_algorithm, complete_config, dp_fields
   dspec = DataSpec(spec["input_shape"], spec["num_classes"], spec["num_clients"])
   for c in cfgs:
     complete_config(c)
   _check_traceable_keys(cfg0, keys)
-  for c in cfgs:  # each point with its own concrete values: range checks with their messages
-    build_algorithm(c, dspec, d0)
+  # Each point with its own concrete values: range checks with their messages, and the
+  # privacy fields of its rows (dp_epsilon, ...; None without DP).
+  extras = [dp_fields(c, build_algorithm(c, dspec, d0)[1]) for c in cfgs]
   mesh = make_mesh(cfg0.num_devices or None)
   rpc = math.gcd(cfg0.rounds_per_call, cfg0.eval_every, cfg0.checkpoint_every, cfg0.rounds)
 
@@ -243,6 +245,10 @@ def run_group(cfgs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str]
       row = {"round": r, **evaluation.summarize(jax.tree.map(lambda a: a[g], raw), num_test)}
       row.update(train_fields(train_metrics, g))
       row.update(comm.comm_row(comm_counts, r))
+      if extras[g] is not None:  # reads the point's server clip norm and sampler state only
+        row.update(extras[g](r, types.SimpleNamespace(
+            server=jax.tree.map(lambda a: a[g], state.server),
+            sampler=jax.tree.map(lambda a: a[g], state.sampler))))
       row["wall_s"] = time.time() - t0 if r else 0.0
       with open(os.path.join(workdirs[g], "metrics.jsonl"), "a") as f:
         f.write(json.dumps(row) + "\n")
