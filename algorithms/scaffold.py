@@ -11,6 +11,11 @@ the linear term <c - c_i, y> to the loss). After S local steps with rate eta_l:
 
 The model mean is example-weighted over the round's clients (as FedAvg); the
 control update is the paper's uniform sum, so c stays the mean of the c_i.
+
+The client update is in step form (``FederatedAlgorithm.local``: the correction
+c - c_i is the loss's per-client aux, option II runs in ``finish``), so SCAFFOLD
+also runs under the streaming schedule (``make_round(..., schedule="stream")``;
+its server keeps the stacked uploads, as it sums the Delta c_i).
 """
 from __future__ import annotations
 
@@ -22,8 +27,8 @@ import optax
 
 from fedjax_sim.algorithms.registry import register
 from fedjax_sim.checks import concrete
-from fedjax_sim.protocol import (FederatedAlgorithm, local_train, masked_cross_entropy,
-                                 tree_weighted_mean)
+from fedjax_sim.protocol import (FederatedAlgorithm, LocalSpec, client_update_from_local,
+                                 masked_cross_entropy, tree_weighted_mean)
 
 
 class ServerState(NamedTuple):
@@ -55,26 +60,33 @@ def scaffold(apply_fn: Callable, init_params: Callable, *, client_lr: float, bat
     params = init_params(rng)
     return ServerState(params, jax.tree.map(jnp.zeros_like, params))
 
-  def client_update(server, c_i, data, rng, info):
-    correction = jax.tree.map(lambda c, ci: c - ci, server.control, c_i)
+  eta = lambda info: client_lr * lr_decay ** info.round.astype(jnp.float32)  # eta_l
 
-    def loss(p, x, y, m, r):
-      linear = sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(correction),
-                                                   jax.tree.leaves(p)))
-      return masked_cross_entropy(apply_fn(p, x), y, m) + linear
+  def begin(server, c_i, data, rng, info):
+    del data, rng, info
+    return server.params, jax.tree.map(lambda c, ci: c - ci, server.control, c_i)
 
-    eta_l = client_lr * lr_decay ** info.round.astype(jnp.float32)
-    res = local_train(loss, server.params, optax.sgd(eta_l), data, rng, epochs=epochs,
-                      batch_size=batch_size, local_steps=local_steps)
-    steps = jnp.maximum(res.metrics["steps"], 1.0)
-    c_new = jax.tree.map(lambda ci, c, x, y: ci - c + (x - y) / (steps * eta_l),
-                         c_i, server.control, server.params, res.params)
+  def loss(p, correction, x, y, m, r):
+    del r
+    linear = sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(correction),
+                                                 jax.tree.leaves(p)))
+    return masked_cross_entropy(apply_fn(p, x), y, m) + linear
+
+  def finish(server, c_i, correction, params, metrics, data, info):
+    del correction, data
+    steps = jnp.maximum(metrics["steps"], 1.0)
+    c_new = jax.tree.map(lambda ci, c, x, y: ci - c + (x - y) / (steps * eta(info)),
+                         c_i, server.control, server.params, params)
     # A client that took no steps (padding slot) keeps its control variate.
-    c_new = jax.tree.map(lambda new, old: jnp.where(res.metrics["steps"] > 0, new, old),
+    c_new = jax.tree.map(lambda new, old: jnp.where(metrics["steps"] > 0, new, old),
                          c_new, c_i)
-    delta_y = jax.tree.map(lambda y, x: y - x, res.params, server.params)
+    delta_y = jax.tree.map(lambda y, x: y - x, params, server.params)
     delta_c = jax.tree.map(lambda a, b: a - b, c_new, c_i)
-    return (delta_y, delta_c), c_new, res.metrics
+    return (delta_y, delta_c), c_new, metrics
+
+  local = LocalSpec(begin=begin, loss=loss, optimizer=lambda info: optax.sgd(eta(info)),
+                    finish=finish, epochs=epochs, batch_size=batch_size,
+                    local_steps=local_steps)
 
   def server_update(server, uploads, weights, info, rng):
     delta_y, delta_c = uploads
@@ -87,8 +99,9 @@ def scaffold(apply_fn: Callable, init_params: Callable, *, client_lr: float, bat
     return ServerState(params, control), {"control_norm": optax.global_norm(control)}
 
   return FederatedAlgorithm(
-      name="scaffold", init=init, init_client=zeros, client_update=client_update,
-      server_update=server_update, eval_params=lambda s, c: s.params, apply_fn=apply_fn)
+      name="scaffold", init=init, init_client=zeros,
+      client_update=client_update_from_local(local), server_update=server_update,
+      eval_params=lambda s, c: s.params, apply_fn=apply_fn, local=local)
 
 
 @register("scaffold", scaffold, fixed=("server_lr",))

@@ -1,6 +1,7 @@
 """The streaming schedule (fedjax_sim/stream.py): clients stream through W vmapped slots.
 
-For fedavg, fedprox, local and fedavg_pools (one queue per model pool) (step-form algorithms,
+For fedavg, fedprox, local, scaffold (per-client control variates, stacked uploads) and
+fedavg_pools (one queue per model pool) (step-form algorithms,
 ``FederatedAlgorithm.local`` / ``Pool.local``; fedadam, fedyogi and fedadagrad are fedavg's
 constructor with another server optimizer)
 on the registry test's tiny experiment (12 digits clients, K = 5, MLP(16), B = 10, E = 1),
@@ -25,7 +26,7 @@ from fedjax_sim.launch.experiment import build_experiment
 SLOTS = (1, 3, 8)
 
 
-@pytest.mark.parametrize("name", ["fedavg", "fedprox", "local", "fedavg_pools"])
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "local", "fedavg_pools", "scaffold"])
 def test_stream_equals_reference_and_chunked(name):
   exp = build_experiment(experiment_config(name))
   alg, sampler, data = exp.algorithm, exp.sampler, exp.data.train
@@ -76,7 +77,7 @@ def test_step_form_client_update_equals_local_train():
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-STREAMED = ("fedavg", "fedprox", "local", "fedavg_pools")
+STREAMED = ("fedavg", "fedprox", "local", "fedavg_pools", "scaffold")
 
 
 def test_every_registered_algorithm_streams_or_says_why():
@@ -94,7 +95,7 @@ def test_every_registered_algorithm_streams_or_says_why():
   assert set(streamable) == set(STREAMED) | {"fedadam", "fedyogi", "fedadagrad"}, streamable
 
 
-@pytest.mark.parametrize("name", ["scaffold", "fedmdfg", "fedre"])
+@pytest.mark.parametrize("name", ["qffl", "fedmdfg", "fedre"])
 def test_unsupported_algorithms_raise(name):
   exp = build_experiment(experiment_config(name))
   with pytest.raises(ValueError, match="schedule='stream'.*fedavg.*schedule='chunked'"):
