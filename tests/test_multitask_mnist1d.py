@@ -72,6 +72,11 @@ def test_driver_configs_mnist1d_variants():
   assert (r.data.dataset, r.data.num_clients, r.clients_per_round, r.data.partition,
           r.data.alpha) == ("mnist1d", 100, 20, "dirichlet", 0.5)
   assert fedre_digits.get_config("mnist1d,c100k10").clients_per_round == 10
+  t = fedre_digits.get_config("mnist1d,c10,pat")
+  assert (t.data.num_clients, t.clients_per_round, t.batch_size, t.data.partition) == (
+      10, 10, 32, "pat")
+  with pytest.raises(ValueError, match="exclude each other"):
+    fedre_digits.get_config("mnist1d,c10,c100k10")
   assert fedre_digits.get_config("mnist1d,pra").data.alpha == 0.1
   # The digits settings are untouched by the new options.
   assert fedre_digits.get_config().to_dict() == fedre_digits.get_config("pra").to_dict()

@@ -12,7 +12,9 @@ Variants (``:arg``, combinable with ``,``): ``pat`` (pathological partition
 instead of PRA), ``c100k10`` / ``c100k20`` (100 clients, 10 or 20 per round),
 ``smoke`` (seconds), ``mnist1d`` (MNIST-1D, arXiv 2011.14439: 100 clients, 20
 per round unless ``c100k10``, Dir(0.5) (``dir05``, its default partition), B = 10, the 1-D
-architectures :data:`ARCHS_MNIST1D`; ``docs/results/fedre_mnist1d.md``). Pick the method
+architectures :data:`ARCHS_MNIST1D`; ``docs/results/fedre_mnist1d.md``), ``c10`` with
+``mnist1d`` (the paper's main setting on MNIST-1D: 10 clients, all join, B = 32; use with
+``pra`` or ``pat``). Pick the method
 with ``--config.algorithm`` (fedre, fedproto, fedgh, fedallrep, lg_fedavg, local_pools,
 fedkd, fedgen, fedtgp, fedmrl); FedRE's knobs live in ``--config.fedre.*`` (variant
 RSR|VAR|RAR|RSP|VAP|RAP, weights uniform|gaussian|laplacian, rm avg|max|fc, dim, resample,
@@ -27,10 +29,13 @@ ARCHS_MNIST1D = ("mlp_s", "mlp_m", "cnn1d_s", "gru_s")  # MODEL_ZOO models for 1
 
 def get_config(arg: str = ""):
   opts = {a for a in (arg or "").split(",") if a}
-  unknown = opts - {"pat", "pra", "dir05", "c100k10", "c100k20", "smoke", "mnist1d"}
+  unknown = opts - {"pat", "pra", "dir05", "c100k10", "c100k20", "c10", "smoke", "mnist1d"}
   if unknown:
     raise ValueError(f"unknown variant(s) {sorted(unknown)}; use fedre_digits.py:pat, :c100k10, "
-                     ":c100k20, :smoke, :mnist1d, :dir05 (comma-separated).")
+                     ":c100k20, :c10, :smoke, :mnist1d, :dir05 (comma-separated).")
+  if "c10" in opts and ({"c100k10", "c100k20"} & opts):
+    raise ValueError("fedre_digits.py: c10 (10 clients) and c100k10 / c100k20 (100 clients) "
+                     "exclude each other; pick one.")
   c = get_base_config()
   c.algorithm = "fedre"
   c.archs = ARCHS
@@ -60,6 +65,9 @@ def get_config(arg: str = ""):
     c.data.num_clients = 100
     c.clients_per_round = 10 if "c100k10" in opts else 20
     c.batch_size = 10  # a client holds about 30 training signals (B = 32 would be one step)
+    if "c10" in opts:  # the paper's main setting: 10 clients, all join, B = 32
+      c.data.num_clients = c.clients_per_round = 10
+      c.batch_size = 32  # a client holds about 300 training signals
     if "pat" not in opts and "pra" not in opts:
       opts.add("dir05")
   if "dir05" in opts:
