@@ -60,15 +60,16 @@ def round_comm(algorithm: FederatedAlgorithm, data: ClientData,
   Args:
     algorithm: single-pool or pooled FederatedAlgorithm.
     data: the training ClientData [C, N, ...] (its shapes only are used).
-    clients_per_round: K for single-pool algorithms (``sampler.clients_per_round``);
-      ignored for pooled ones (each pool's ``clients_per_round``).
+    clients_per_round: K for single-pool algorithms (``sampler.expected_cohort``: K, or
+      q C under Poisson sampling, a float; not the padded bound K_max); ignored for pooled
+      ones (each pool's ``clients_per_round``).
 
   Returns:
     Counts for one broadcast and one upload per client (a second client phase
     through ``client_query`` is not included; see the module docstring):
     ``upload_scalars_per_client``, ``broadcast_scalars_per_client`` (ints;
     for pooled algorithms the K-weighted mean over pools), ``upload_scalars``
-    and ``broadcast_scalars`` per round (ints), and for pooled algorithms
+    and ``broadcast_scalars`` per round (ints; floats for a fractional expected cohort), and for pooled algorithms
     ``pools``: {pool name: (upload per client, K_p)}.
 
   Raises:

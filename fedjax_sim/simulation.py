@@ -395,8 +395,9 @@ def simulate(algorithm: FederatedAlgorithm, sampler: Optional[sampling.Sampler],
 def _engine_evaluation(algorithm: FederatedAlgorithm, sampler, data, train, start: int):
   """The default evaluation callback of :func:`simulate` (rows of ``metrics.jsonl``)."""
   evaluate = evaluation.make_evaluate(algorithm)
+  # Poisson sampling: the expected cohort q C, not the padded bound K_max.
   counts = comm.round_comm(algorithm, train,
-                           None if algorithm.pools else sampler.clients_per_round)
+                           None if algorithm.pools else sampler.expected_cohort)
   t0 = time.time()
 
   def row_of(r, state, train_metrics):

@@ -234,7 +234,7 @@ def run_group(cfgs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str]
   from fedjax_sim import comm
   alg0, smp0 = point({k: v[0] for k, v in hp.items()})
   comm_counts = comm.round_comm(alg0, d0.train,
-                                None if alg0.pools else smp0.clients_per_round)
+                                None if alg0.pools else smp0.expected_cohort)
   t0 = time.time()
 
   def evaluate(r, state, train_metrics):  # every point still finite: a metrics.jsonl row

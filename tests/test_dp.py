@@ -234,6 +234,11 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
   direct = dp_accounting.rdp.RdpAccountant().compose(dp_accounting.PoissonSampledDpEvent(
       5 / 12, dp_accounting.GaussianDpEvent(1.0)), 4).get_epsilon(12 ** -1.1)
   assert rows[0][-1]["dp_epsilon"] == pytest.approx(direct, rel=1e-9)
+  # Communication counts the expected cohort q C = 5 per round, not the padded bound K_max = 8.
+  from fedjax_sim import comm
+  exp = _experiment(dp_config())
+  per_client = comm.round_comm(exp.algorithm, exp.data.train, 1)["upload_scalars"]
+  assert rows[0][-1]["comm/upload_scalars_per_round"] == 5 * per_client
   # A vectorized sweep over seeds logs the same privacy fields per point (seed 0 = this run).
   from fedjax_sim.launch import sweep as sw
   points = sw.make_points(dp_config(), {}, seeds=[0, 1])
@@ -242,11 +247,10 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
   grid = [json.loads(l) for l in open(os.path.join(tmp_path, "grid", points[0].name,
                                                    "metrics.jsonl"))]
   for x, y in zip(rows[0], grid):
-    for key in ("dp_epsilon", "dp_delta", "dp_noise_multiplier", "dp_truncated_rounds"):
+    for key in ("dp_epsilon", "dp_delta", "dp_noise_multiplier", "dp_truncated_rounds",
+                "comm/upload_scalars_per_round"):
       assert x[key] == y[key], key
     assert x["dp_clip_norm"] == pytest.approx(y["dp_clip_norm"], rel=1e-5)
-  cfg = dp_config()
-  exp = _experiment(cfg)
   from fedjax_sim.checkpoint import Checkpointer
   states = []
   for d in (full, part):
