@@ -54,19 +54,19 @@ class FederatedData:
 
 def pack_clients(x: np.ndarray, y: np.ndarray, train_idx: Sequence[np.ndarray],
                  test_idx: Sequence[np.ndarray], batch_size: int, storage: str = "padded"
-                 ) -> tuple[AnyClientData, ClientData]:
+                 ) -> tuple[AnyClientData, AnyClientData]:
   """Host ClientData (train, test) of per-client index lists into examples ``x``, labels ``y``.
 
   Args:
     x: float32 [N, ...] examples.  y: int [N] labels.
     train_idx, test_idx: C int arrays each, indices into x.
     batch_size: the train arrays' N is padded to a multiple of it.
-    storage: ``"padded"`` (ClientData [C, N, ...]) or ``"flat"`` (train as
+    storage: ``"padded"`` (ClientData [C, N, ...]) or ``"flat"`` (train and test as
       :class:`~fedjax_sim.client_data.FlatClientData`, never materializing C x N rows).
   """
   if storage == "flat":
     train = pack_flat([x[i] for i in train_idx], [y[i] for i in train_idx], batch_size)
-    return train, pack([x[i] for i in test_idx], [y[i] for i in test_idx])
+    return train, pack_flat([x[i] for i in test_idx], [y[i] for i in test_idx])
   train = pack([x[i] for i in train_idx], [y[i] for i in train_idx], batch_size)
   test = pack([x[i] for i in test_idx], [y[i] for i in test_idx])
   return train, test

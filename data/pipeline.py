@@ -96,8 +96,10 @@ def build_federated_data(cfg: Any, batch_size: int = 1, seed: int = 0,
       fed.aux.update(server_x=server_x, client_keep=keep)
   elif isinstance(out, FederatedData):
     fed = out
-    if storage == "flat" and not isinstance(fed.train, FlatClientData):
-      fed = dataclasses.replace(fed, train=flatten(fed.train))
+    if storage == "flat":  # train and test splits, as pack_clients stores them
+      fed = dataclasses.replace(
+          fed, train=fed.train if isinstance(fed.train, FlatClientData) else flatten(fed.train),
+          test=fed.test if isinstance(fed.test, FlatClientData) else flatten(fed.test))
     if server_size:
       raise DatasetError(f"dataset '{name}' defines its own clients, so the pipeline cannot hold "
                          "a server set out of them; set --config.data.server_size=0 or use a "

@@ -10,12 +10,16 @@ import optax
 
 from fedjax_sim import text
 from fedjax_sim.protocol import FederatedAlgorithm
-from fedjax_sim.client_data import ClientData
+from fedjax_sim.client_data import AnyClientData, gather_clients
 from fedjax_sim.metrics import accuracy_spread
 
 
 def make_evaluate(algorithm: FederatedAlgorithm, *, batch_size: int = 512, client_chunk: int = 64):
-  """Returns a jitted ``evaluate(server_state, client_states, test: ClientData, test_x, test_y)``.
+  """Returns a jitted ``evaluate(server_state, client_states, test, test_x, test_y)``.
+
+  ``test`` is the clients' test splits, padded (:class:`~fedjax_sim.client_data.ClientData`
+  [C, N, ...]) or flat (:class:`~fedjax_sim.client_data.FlatClientData`); both give the same
+  numbers.
 
   Outputs (device arrays): ``client_correct`` float32 [C] and ``client_count``
   float32 [C] on each client's own test split (with its own ``eval_params``),
@@ -39,10 +43,15 @@ def make_evaluate(algorithm: FederatedAlgorithm, *, batch_size: int = 512, clien
       return jnp.sum((jnp.argmax(logits, -1) == y) * m), jnp.sum(m)
     return per_client
 
-  def clients_accuracy(per_client, server_state, client_states, x, y, mask):
-    # lax.map with batch_size vmaps chunks of clients (bounded memory).
-    return jax.lax.map(lambda a: per_client(server_state, *a), (client_states, x, y, mask),
-                       batch_size=min(client_chunk, y.shape[0]))
+  def clients_accuracy(per_client, server_state, client_states, test, ids):
+    # lax.map with batch_size vmaps chunks of clients (bounded memory); each client's test
+    # rows are read from either storage inside the map (a flat test split is never padded
+    # to [C, N, ...]).
+    def one(args):
+      client_state, gid = args
+      d = gather_clients(test, gid)
+      return per_client(server_state, client_state, d.x, d.y, d.mask)
+    return jax.lax.map(one, (client_states, ids), batch_size=min(client_chunk, ids.shape[0]))
 
   def global_test(params, test_x, test_y, apply_fn=apply_fn):
     n = test_y.shape[0]
@@ -70,14 +79,13 @@ def make_evaluate(algorithm: FederatedAlgorithm, *, batch_size: int = 512, clien
     correct, loss = jax.lax.map(batch, (xs, ys, ms))
     return jnp.sum(correct), jnp.sum(loss)
 
-  def evaluate(server_state, client_states, test: ClientData, test_x, test_y):
+  def evaluate(server_state, client_states, test: AnyClientData, test_x, test_y):
     if algorithm.pools:  # every pool's clients with that pool's model
       out, corrects, counts = {}, [], []
       for pool, cs in zip(algorithm.pools, client_states):
-        ids = jnp.asarray(pool.client_ids)
+        ids = jnp.asarray(pool.client_ids, jnp.int32)
         correct, count = clients_accuracy(
-            per_client_fn(pool.eval_params, pool.apply_fn), server_state, cs, test.x[ids],
-            test.y[ids], test.mask[ids])
+            per_client_fn(pool.eval_params, pool.apply_fn), server_state, cs, test, ids)
         out[f"{pool.name}/client_correct"], out[f"{pool.name}/client_count"] = correct, count
         if pool.global_model:
           params = pool.eval_params(server_state, None)
@@ -88,8 +96,9 @@ def make_evaluate(algorithm: FederatedAlgorithm, *, batch_size: int = 512, clien
       out["client_correct"] = jnp.concatenate(corrects)
       out["client_count"] = jnp.concatenate(counts)
       return out
+    ids = jnp.arange(test.num_examples.shape[0], dtype=jnp.int32)
     correct, count = clients_accuracy(per_client_fn(algorithm.eval_params, apply_fn),
-                                      server_state, client_states, test.x, test.y, test.mask)
+                                      server_state, client_states, test, ids)
     out = {"client_correct": correct, "client_count": count}
     if not algorithm.personalized:
       params = algorithm.eval_params(server_state, None)

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fedjax_sim.client_data import pad_examples
+from fedjax_sim.client_data import FlatClientData, pad_examples
 from fedjax_sim import evaluation
 from fedjax_sim.checkpoint import Checkpointer
 from fedjax_sim.round import init_state, make_mesh, make_round
@@ -103,6 +103,9 @@ def _stack_data(datas: list, index: list[int]):
     NotVectorizable: the global test sets differ between seeds.
   """
   d0 = datas[0]
+  if isinstance(d0.train, FlatClientData) or isinstance(d0.test, FlatClientData):
+    raise NotVectorizable("flat client storage cannot be stacked over seeds (each seed's rows "
+                          "differ in number); use --config.data.storage=padded to vectorize")
   for d in datas[1:]:
     if d.test_x.shape != d0.test_x.shape or not (
         np.array_equal(np.asarray(d.test_x), np.asarray(d0.test_x))
