@@ -208,6 +208,18 @@ def test_server_update_matches_public_procedure_on_synthetic_losses():
                   client_lr=lr, batch_size=1, lr_decay=decay, theta=theta, s=s)
     st = alg.init(jax.random.PRNGKey(0))
     ref = PublicFedMDFG(_C, k, lr, decay, theta, s)
+
+    def answer(cand, slots, valid):  # the cohort's losses at a candidate (NumPy, float64)
+      return np.array([_loss(np.asarray(cand, np.float64), int(i)) if v else 55.0
+                       for i, v in zip(slots, valid)], np.float32)
+
+    @jax.jit  # one compilation per (K, padding, knobs): the cohort is an argument
+    def server_step(st, uploads, r, slots, valid, alg=alg, width=k + pad):
+      query = lambda cand: jax.pure_callback(
+          answer, jax.ShapeDtypeStruct((width,), jnp.float32), cand["w"], slots, valid)
+      info = ServerInfo(r, slots, valid.astype(jnp.int32), valid, query)
+      return alg.server_update(st, uploads, None, info, None)
+
     for r in range(5):  # later rounds of (7, ...) near stationarity hit float32 limits
       ids = list(rng.choice(_C, k, replace=False))
       perm = rng.permutation(k + pad)
@@ -217,17 +229,10 @@ def test_server_update_matches_public_procedure_on_synthetic_losses():
       grads = np.stack([_grad(w, i) if v else rng.normal(size=_P) * 9 for i, v in zip(slots, valid)])
       losses = np.array([_loss(w, i) if v else 77.0 for i, v in zip(slots, valid)])
 
-      def answer(cand, slots=slots, valid=valid):
-        return np.array([_loss(np.asarray(cand, np.float64), i) if v else 55.0
-                         for i, v in zip(slots, valid)], np.float32)
-
-      query = lambda cand, answer=answer: jax.pure_callback(
-          answer, jax.ShapeDtypeStruct((k + pad,), jnp.float32), cand["w"])
-      info = ServerInfo(jnp.int32(r), jnp.asarray(slots, jnp.int32),
-                        jnp.asarray(valid, jnp.int32), jnp.asarray(valid), query)
       uploads = {"grad": {"w": jnp.asarray(grads, jnp.float32)},
                  "loss": jnp.asarray(losses, jnp.float32)}
-      st, m = jax.jit(lambda st, up: alg.server_update(st, up, None, info, None))(st, uploads)
+      st, m = server_step(st, uploads, jnp.int32(r), jnp.asarray(slots, jnp.int32),
+                          jnp.asarray(valid))
       w_ref, out = ref.step(w, [int(i) for i in slots[valid]], _loss, _grad)
       branches.add(out["branch"])
       forced |= out.get("forced", False)
