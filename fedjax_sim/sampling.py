@@ -71,8 +71,10 @@ class Sampler(NamedTuple):
 def check_cohort(num_clients: int, clients_per_round: int) -> None:
   if clients_per_round < 1 or clients_per_round > num_clients:
     raise ValueError(
-        f"clients_per_round={clients_per_round} must be in [1, num_clients={num_clients}]; set "
-        "--config.clients_per_round (or raise --config.data.num_clients).")
+        f"clients_per_round={clients_per_round} must be in [1, num_clients={num_clients}] (the "
+        "clients the data hold); set --config.clients_per_round, or give the data more clients "
+        "(--config.data.num_clients for a partitioned dataset; a natural partition's files "
+        "set its own count, see data.max_clients and data.min_client_size).")
 
 
 def uniform(num_clients: int, clients_per_round: int) -> Sampler:
