@@ -13,6 +13,10 @@ decayed rate), F_k the client's training loss at w (+1e-10) and L = 1/lr:
 q = 0 reduces to the uniform average of the clients' models (tested). Padding
 slots (``valid`` False) contribute nothing.
 
+The client update is in step form (``FederatedAlgorithm.local``); F_k, which needs the
+global model on all of the client's rows, is its ``prepare`` step, so under the streaming
+schedule it is computed once per client before the slots run.
+
 Axis legend: K cohort (padded), N examples, B batch.
 """
 from __future__ import annotations
@@ -25,8 +29,8 @@ import optax
 
 from fedjax_sim.algorithms.registry import register
 from fedjax_sim.checks import concrete
-from fedjax_sim.protocol import (FederatedAlgorithm, client_optimizer, local_train,
-                                 masked_cross_entropy)
+from fedjax_sim.protocol import (FederatedAlgorithm, LocalSpec, client_optimizer,
+                                 client_update_from_local, masked_cross_entropy)
 
 PyTree = Any
 
@@ -87,16 +91,26 @@ def qffl(apply_fn: Callable, init_params: Callable[[jax.Array], PyTree], *, q: f
 
     return jnp.sum(jax.lax.map(one, (xs, ys, ms))) / jnp.maximum(jnp.sum(data.mask), 1)
 
-  def client_update(w, client_state, data, rng, info):
-    lr = client_lr * (lr_decay ** info.round.astype(jnp.float32) if lr_decay != 1.0 else 1.0)
-    F = client_loss(w, data)
-    loss = lambda p, x, y, m, r: masked_cross_entropy(apply_fn(p, x), y, m)
-    opt = client_optimizer(client_lr, client_momentum, lr_decay, info.round)
-    res = local_train(loss, w, opt, data, rng, epochs=epochs, batch_size=batch_size,
-                      local_steps=local_steps)
-    g = jax.tree.map(lambda a, b: (a - b) / lr, w, res.params)
+  lr_of = lambda info: client_lr * (lr_decay ** info.round.astype(jnp.float32)
+                                    if lr_decay != 1.0 else 1.0)
+
+  def begin(w, client_state, data, rng, info, F):
+    del client_state, data, rng, info
+    return w, F  # start at the global model; F_k rides along to finish
+
+  def finish(w, client_state, F, params, metrics, data, info):
+    del data
+    lr = lr_of(info)
+    g = jax.tree.map(lambda a, b: (a - b) / lr, w, params)
     return ({"g": g, "loss": F, "lr": jnp.asarray(lr, jnp.float32)}, client_state,
-            {**res.metrics, "loss_at_global": F})
+            {**metrics, "loss_at_global": F})
+
+  local = LocalSpec(
+      begin=begin,
+      loss=lambda p, F, x, y, m, r: masked_cross_entropy(apply_fn(p, x), y, m),
+      optimizer=lambda info: client_optimizer(client_lr, client_momentum, lr_decay, info.round),
+      finish=finish, epochs=epochs, batch_size=batch_size, local_steps=local_steps,
+      prepare=lambda w, client_state, data, info: client_loss(w, data))
 
   def server_update(w, uploads, weights, info, rng):
     del weights, rng
@@ -105,8 +119,9 @@ def qffl(apply_fn: Callable, init_params: Callable[[jax.Array], PyTree], *, q: f
     return new, {"update_norm": optax.global_norm(delta)}
 
   return FederatedAlgorithm(
-      name=name, init=init_params, init_client=lambda rng: (), client_update=client_update,
-      server_update=server_update, eval_params=lambda s, c: s, apply_fn=apply_fn)
+      name=name, init=init_params, init_client=lambda rng: (),
+      client_update=client_update_from_local(local), server_update=server_update,
+      eval_params=lambda s, c: s, apply_fn=apply_fn, local=local)
 
 
 @register("qffl", qffl)

@@ -183,15 +183,18 @@ def private(algorithm: FederatedAlgorithm, *, noise_multiplier: float, clip_norm
   if algorithm.local is not None:
     spec = algorithm.local
 
-    def begin(bcast, client_state, data, rng, info):
-      return spec.begin(bcast[0], client_state, data, rng, info)
+    def begin(bcast, client_state, data, rng, info, *prepared):
+      return spec.begin(bcast[0], client_state, data, rng, info, *prepared)
+
+    prepare = None if spec.prepare is None else (
+        lambda bcast, client_state, data, info: spec.prepare(bcast[0], client_state, data, info))
 
     def finish(bcast, client_state, aux, params, train_metrics, data, info):
       upload, client_state, metrics = spec.finish(bcast[0], client_state, aux, params,
                                                   train_metrics, data, info)
       return clipped(upload, client_state, metrics, bcast[1])
 
-    local = spec._replace(begin=begin, finish=finish)
+    local = spec._replace(begin=begin, finish=finish, prepare=prepare)
     client_update = client_update_from_local(local)
 
   def init(rng):

@@ -328,6 +328,11 @@ class LocalSpec(NamedTuple):
       -> (upload, client_state, metrics)``; ``params`` are the trained params,
       ``train_metrics`` :func:`local_metrics`'s dict.
     epochs: E.  batch_size: B.  local_steps: fixed steps instead of epochs (> 0).
+    prepare: ``(broadcast, client_state, data, info) -> pytree`` or None: per-client work on
+      the client's whole data before local training (q-FFL's loss of the global model).
+      When given, ``begin`` takes its value as a sixth argument. The streaming schedule runs
+      it for a device's whole queue (in chunks of W clients) before the slots start, not
+      at every refill, where ``begin`` and ``finish`` run for all W slots.
   """
   begin: Callable[..., tuple[PyTree, PyTree]]
   loss: Callable[..., jax.Array]
@@ -336,12 +341,14 @@ class LocalSpec(NamedTuple):
   epochs: int = 1
   batch_size: int = 10
   local_steps: int = 0
+  prepare: Optional[Callable[..., PyTree]] = None
 
 
 def client_update_from_local(spec: LocalSpec) -> Callable[..., tuple[PyTree, PyTree, dict]]:
   """The ordinary ``client_update`` of a :class:`LocalSpec`: begin, local_train, finish."""
   def client_update(broadcast, client_state, data, rng, info):
-    params0, aux = spec.begin(broadcast, client_state, data, rng, info)
+    extra = () if spec.prepare is None else (spec.prepare(broadcast, client_state, data, info),)
+    params0, aux = spec.begin(broadcast, client_state, data, rng, info, *extra)
     res = local_train(lambda p, x, y, m, r: spec.loss(p, aux, x, y, m, r), params0,
                       spec.optimizer(info), data, rng, epochs=spec.epochs,
                       batch_size=spec.batch_size, local_steps=spec.local_steps)

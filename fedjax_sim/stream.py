@@ -41,7 +41,8 @@ device streams its share through its own W slots inside ``shard_map``; running s
 
 Supported: single-model algorithms that define ``FederatedAlgorithm.local``
 (a :class:`~fedjax_sim.protocol.LocalSpec`), without ``client_query``, on any
-number of devices.
+number of devices. A spec's ``prepare`` (q-FFL's loss of the global model) runs once per
+queued client, W at a time, before the slots start.
 
 Axis legend: C clients, K cohort, W slots, N examples per client, B batch.
 """
@@ -200,10 +201,17 @@ def make_stream_phase(spec, sampler: Sampler, *, slots: Optional[int], mesh: Mes
       cdata = gather_clients(data, ids[q])
       return cdata._replace(num_examples=n[q], mask=cdata.mask & valid[q])
 
+    prepared = None
+    if spec.prepare is not None:  # once per queued client, W at a time, before the slots run
+      prepared = jax.lax.map(
+          lambda q: spec.prepare(bcast, at(cstate_q, q), client_data(q), at(info_q, q)),
+          jnp.arange(kd), batch_size=min(w, kd))
+
     def load(q):
       """ONE slot loads queue position q (clipped to [0, K_d)): begin, plan, fresh optimizer."""
       info, rng, cdata = at(info_q, q), rng_q[q], client_data(q)
-      params0, aux = spec.begin(bcast, at(cstate_q, q), cdata, rng, info)
+      extra = () if prepared is None else (at(prepared, q),)
+      params0, aux = spec.begin(bcast, at(cstate_q, q), cdata, rng, info, *extra)
       plan = local_plan(cdata, rng, epochs=spec.epochs, batch_size=bsz,
                         local_steps=spec.local_steps)
       plan = plan._replace(steps=jnp.where(valid[q], plan.steps, 0))

@@ -1,6 +1,7 @@
 """The streaming schedule (fedjax_sim/stream.py): clients stream through W vmapped slots.
 
-For fedavg, fedprox, local, scaffold (per-client control variates, stacked uploads) and
+For fedavg, fedprox, local, scaffold (per-client control variates, stacked uploads), qffl
+(its loss at the global model is a ``prepare`` step, run once per queued client) and
 fedavg_pools (one queue per model pool) (step-form algorithms,
 ``FederatedAlgorithm.local`` / ``Pool.local``; fedadam, fedyogi and fedadagrad are fedavg's
 constructor with another server optimizer)
@@ -26,7 +27,8 @@ from fedjax_sim.launch.experiment import build_experiment
 SLOTS = (1, 3, 8)
 
 
-@pytest.mark.parametrize("name", ["fedavg", "fedprox", "local", "fedavg_pools", "scaffold"])
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "local", "fedavg_pools", "scaffold",
+                                  "qffl"])
 def test_stream_equals_reference_and_chunked(name):
   exp = build_experiment(experiment_config(name))
   alg, sampler, data = exp.algorithm, exp.sampler, exp.data.train
@@ -77,7 +79,7 @@ def test_step_form_client_update_equals_local_train():
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-STREAMED = ("fedavg", "fedprox", "local", "fedavg_pools", "scaffold")
+STREAMED = ("fedavg", "fedprox", "local", "fedavg_pools", "scaffold", "qffl")
 
 
 def test_every_registered_algorithm_streams_or_says_why():
@@ -95,7 +97,7 @@ def test_every_registered_algorithm_streams_or_says_why():
   assert set(streamable) == set(STREAMED) | {"fedadam", "fedyogi", "fedadagrad"}, streamable
 
 
-@pytest.mark.parametrize("name", ["qffl", "fedmdfg", "fedre"])
+@pytest.mark.parametrize("name", ["corefed", "fedmdfg", "fedre"])
 def test_unsupported_algorithms_raise(name):
   exp = build_experiment(experiment_config(name))
   with pytest.raises(ValueError, match="schedule='stream'.*fedavg.*schedule='chunked'"):
@@ -139,7 +141,7 @@ from test_registry_equivalence import experiment_config, NUM_CLIENTS
 from fedjax_sim.round import init_state, make_round, make_mesh, replicate
 from fedjax_sim.launch.experiment import build_experiment
 out = {}
-for name in ("fedavg", "local"):  # the running mean; per-client state
+for name in ("fedavg", "local", "qffl"):  # the running mean; per-client state; prepare
   exp = build_experiment(experiment_config(name))
   res = []
   for d in (1, 8):
