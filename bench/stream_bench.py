@@ -105,7 +105,8 @@ def time_case(alg, data, k, variants, rounds, sweeps, log):
     r.first_s = r.call(data)
     log(f"  K={k} {label}: first call (compile + 1 round) {r.first_s:.2f}s")
     runners.append(r)
-  params = {r.label: jax.device_get(r.state.server.params) for r in runners}
+  params = {r.label: jax.device_get(getattr(r.state.server, "params", r.state.server))
+            for r in runners}  # q-FFL's server state is the params pytree
   for s in range(sweeps):
     for r in runners:
       r.sweeps.append(sum(r.call(data, start) for start in range(1, rounds + 1)))
