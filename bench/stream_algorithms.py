@@ -23,7 +23,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 
-from fedjax_sim import models  # noqa: E402
 from fedjax_sim.algorithms import fedavg, scaffold  # noqa: E402
 from fedjax_sim.algorithms.qffl import qffl  # noqa: E402
 from fedjax_sim.algorithms.fedprox import fedprox  # noqa: E402
@@ -32,23 +31,18 @@ from fedjax_sim.stream import default_slots  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from report_notes import write_keeping_notes  # noqa: E402
-from stream_bench import BATCH, EPOCHS, LR, NUM_CLIENTS, SEED, time_case, uptime  # noqa: E402
+from stream_bench import (BATCH, EPOCHS, LR, NUM_CLIENTS, digits_mlp, time_case,  # noqa: E402
+                          uptime)
 
 
 def algorithms():
-  """{name: algorithm} on one MLP(200, 200), and the digits client data."""
-  from fedjax_sim.data import build_federated_data
-  fd = build_federated_data({"dataset": "digits", "num_clients": NUM_CLIENTS,
-                             "partition": "dirichlet", "alpha": 0.5},
-                            batch_size=BATCH, seed=SEED)
-  model = models.build_model("mlp", fd.num_classes, hidden=(200, 200))
-  apply_fn = lambda params, x: model.apply({"params": params}, x)
-  init = lambda rng: models.init_params(model, rng, fd.input_shape)
+  """{name: algorithm} on stream_bench's MLP(200, 200), and the digits client data."""
+  apply_fn, init, train = digits_mlp()
   kw = dict(client_lr=LR, batch_size=BATCH, epochs=EPOCHS)
   return {"fedavg": fedavg(apply_fn, init, **kw),
           "fedprox": fedprox(apply_fn, init, mu=0.01, **kw),
           "scaffold": scaffold(apply_fn, init, num_clients=NUM_CLIENTS, **kw),
-          "qffl": qffl(apply_fn, init, q=1.0, **kw)}, fd.train
+          "qffl": qffl(apply_fn, init, q=1.0, **kw)}, train
 
 
 def main():

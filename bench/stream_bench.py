@@ -57,8 +57,9 @@ from report_notes import write_keeping_notes  # noqa: E402
 BATCH, EPOCHS, LR, SEED, NUM_CLIENTS = 10, 1, 0.1, 0, 100
 
 
-def setup():
-  """(algorithm, data ClientData [C, N, ...], num_classes): FedAvg + MLP(200, 200) on digits."""
+def digits_mlp():
+  """(apply_fn, init_params, train ClientData [C, N, ...]): MLP(200, 200) on digits, 100
+  clients Dir(0.5) (also ``bench/stream_algorithms.py``'s workload)."""
   from fedjax_sim.data import build_federated_data
   fd = build_federated_data({"dataset": "digits", "num_clients": NUM_CLIENTS,
                              "partition": "dirichlet", "alpha": 0.5},
@@ -66,8 +67,13 @@ def setup():
   model = models.build_model("mlp", fd.num_classes, hidden=(200, 200))
   apply_fn = lambda params, x: model.apply({"params": params}, x)
   init_params = lambda rng: models.init_params(model, rng, fd.input_shape)
-  alg = fedavg(apply_fn, init_params, client_lr=LR, batch_size=BATCH, epochs=EPOCHS)
-  return alg, fd.train
+  return apply_fn, init_params, fd.train
+
+
+def setup():
+  """(algorithm, data ClientData [C, N, ...]): FedAvg + MLP(200, 200) on digits."""
+  apply_fn, init_params, train = digits_mlp()
+  return fedavg(apply_fn, init_params, client_lr=LR, batch_size=BATCH, epochs=EPOCHS), train
 
 
 def uptime() -> str:
