@@ -19,7 +19,7 @@ run: $(STAMP)
 
 # The whole test suite (about 14 minutes on 2 cores).
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -n 2 --dist loadgroup tests $(ARGS)
+	$(VENV)/bin/python -m pytest -q -n 2 tests $(ARGS)
 
 # API reference from the docstrings (pdoc, offline) into docs/api/.
 docs: $(STAMP)

@@ -263,10 +263,7 @@ def _eight_device_results(group: int, shared: str) -> dict:
     return json.load(f)
 
 
-# Each group's tests run on ONE pytest-xdist worker (``--dist loadgroup``, as ``make test``
-# runs): the group's subprocess runs once, and no other worker waits on its lock meanwhile.
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xdist_group(f"eight{g}"))
-                                  for g, names in enumerate(GROUPS) for n in names])
+@pytest.mark.parametrize("name", NAMES)
 def test_one_device_equals_eight_devices(name, tmp_path_factory):
   group = next(g for g, names in enumerate(GROUPS) if name in names)
   result = _eight_device_results(group, _shared_dir(tmp_path_factory))

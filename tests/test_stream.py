@@ -6,7 +6,7 @@ fedavg_pools (one queue per model pool) (step-form algorithms,
 ``FederatedAlgorithm.local`` / ``Pool.local``; fedadam, fedyogi and fedadagrad are fedavg's
 constructor with another server optimizer)
 on the registry test's tiny experiment (12 digits clients, K = 5, MLP(16), B = 10, E = 1),
-3 rounds of ``make_round(..., schedule="stream", slots=W)`` for W in {1, 3, 8} (W = 8 > K is
+3 rounds of ``make_round(..., schedule="stream", slots=W)`` for W in {1, 3} (and, for fedavg, W = 8 > K,
 capped at K) equal the per-client reference loop (:mod:`fedjax_sim.reference`, fed the
 size-sorted order the stream queues) and the chunked schedule, to the registry test's
 tolerance (float32 rounding: vmapped vs single-client matmuls). Algorithms without a step-form
@@ -41,7 +41,8 @@ def test_stream_equals_reference_and_chunked(name):
   for _ in range(ROUNDS):
     want.append(ref(want[-1], data)[0])
     ch.append(chunked(ch[-1], data)[0])
-  for w in SLOTS:
+  # W = 8 > K = 5 (capped at K: one wave, plain vmap) once, on fedavg; W = 1 and 3 everywhere.
+  for w in SLOTS if name == "fedavg" else SLOTS[:2]:
     streamed = make_round(alg, sampler, seed=0, mesh=exp.mesh, schedule="stream", slots=w,
                           donate=False)
     got = state0
