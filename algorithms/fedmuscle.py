@@ -191,6 +191,23 @@ def alignment_losses(M: int, tau_n: float, tau_n1: float):
   )
 
 
+def user_pool(arch: str, members, um, bias_table: jax.Array, client_update,
+              local_baseline: bool) -> Pool:
+  """The :class:`Pool` of one architecture's users: per-user :class:`MuscleClientState`
+  (a fresh model, task 0 until :func:`with_tasks`, the local-training shadow with
+  ``local_baseline``), evaluated with the user's task bias. Shared by FedMuscle and the
+  public-batch baselines (:mod:`fedjax_sim.algorithms.public_set`)."""
+  def init_client(rng):
+    params = um.init(rng)
+    return MuscleClientState(params, jnp.int32(0), params if local_baseline else None)
+
+  return Pool(
+      name=arch, client_ids=np.asarray(members, np.int32), clients_per_round=len(members),
+      client_update=client_update, init_client=init_client,
+      eval_params=lambda s, c: {"model": c.params, "bias": bias_table[c.task]},
+      apply_fn=lambda p, x: um.logits(p["model"], x) + p["bias"])
+
+
 def fedmuscle(archs: Sequence[str], tasks: np.ndarray, public_x: jax.Array, *,
               input_shape: tuple, task_classes: Sequence[int], method: str = "muscle",
               M: int = 3, tau_n: float = 0.2, tau_n1: float = 0.15, public_batch: int = 32,
@@ -321,15 +338,7 @@ def fedmuscle(archs: Sequence[str], tasks: np.ndarray, public_x: jax.Array, *,
         metrics["local_loss"] = res_local.metrics["loss"]
       return upload, MuscleClientState(params, task, local), metrics
 
-    def init_client(rng):
-      params = um.init(rng)
-      return MuscleClientState(params, jnp.int32(0), params if local_baseline else None)
-
-    return Pool(
-        name=arch, client_ids=np.asarray(members, np.int32), clients_per_round=len(members),
-        client_update=client_update, init_client=init_client,
-        eval_params=lambda s, c: {"model": c.params, "bias": bias_table[c.task]},
-        apply_fn=lambda p, x: um.logits(p["model"], x) + p["bias"])
+    return user_pool(arch, members, um, bias_table, client_update, local_baseline)
 
   pools = tuple(make_pool(a, m) for a, m in zip(archs, ids))
 

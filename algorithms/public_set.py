@@ -27,7 +27,7 @@ import numpy as np
 
 from fedjax_sim.checks import concrete
 from fedjax_sim.errors import ConfigError
-from fedjax_sim.protocol import (FederatedAlgorithm, Pool, client_optimizer, local_train,
+from fedjax_sim.protocol import (FederatedAlgorithm, client_optimizer, local_train,
                                  masked_cross_entropy)
 from fedjax_sim.algorithms import fedmuscle as fm
 from fedjax_sim.algorithms.pooled import assign_round_robin
@@ -166,15 +166,7 @@ def public_set_method(name: str, term: PublicTerm, archs: Sequence[str], tasks: 
         metrics["local_loss"] = res_local.metrics["loss"]
       return upload, fm.MuscleClientState(params, task, local), metrics
 
-    def init_client(rng):
-      params = um.init(rng)
-      return fm.MuscleClientState(params, jnp.int32(0), params if local_baseline else None)
-
-    return Pool(
-        name=arch, client_ids=np.asarray(members, np.int32), clients_per_round=len(members),
-        client_update=client_update, init_client=init_client,
-        eval_params=lambda s, c: {"model": c.params, "bias": bias_table[c.task]},
-        apply_fn=lambda p, x: um.logits(p["model"], x) + p["bias"])
+    return fm.user_pool(arch, members, um, bias_table, client_update, local_baseline)
 
   pools = tuple(make_pool(a, m) for a, m in zip(archs, ids))
   shape, dtype = term.upload_shape
